@@ -1,0 +1,186 @@
+package async
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// Claiming is the one way a job is taken for a run, shared by FlushQueue, the
+// Worker and Job.Execute. A claim is a short transaction that counts the
+// attempt and sets a lease (locked_by, locked_until); the run then happens in
+// the job's own transaction, whose first statement re-checks the claim and
+// locks the job row until commit. A crashed worker's lease expires and the
+// job is claimed again; a live run keeps its row locked, so no other claim
+// can take it however long it runs.
+
+// DefaultLease is how long a claim reserves a job before its run starts
+// and, after a crash, how long until the job can be claimed again.
+const DefaultLease = time.Minute
+
+// claimFilter selects the jobs a claim may take.
+type claimFilter struct {
+	queues []string  // empty: any queue
+	dueBy  time.Time // zero: the current time
+	prefix string    // task name prefix, matched literally
+	which  int
+	outOf  int // > 1 partitions by job id
+	limit  int
+	lease  time.Duration
+	owner  string
+}
+
+func newOwner() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+const pendingSQL = "%[1]s.executed IS NULL AND %[1]s.cancelled IS NULL AND %[1]s.failed IS NULL"
+
+func pending(alias string) string { return fmt.Sprintf(pendingSQL, alias) }
+
+// claimQuery builds the SELECT of claimable jobs in run order.
+func (p *Plugin) claimQuery(f *claimFilter, now time.Time) (string, []any) {
+	var b strings.Builder
+	dueBy := f.dueBy
+	if dueBy.IsZero() {
+		dueBy = now
+	}
+	args := []any{dueBy, now}
+	b.WriteString("SELECT j.* FROM " + jobTable + " j WHERE " + pending("j") +
+		" AND (j.scheduled IS NULL OR j.scheduled <= ?) AND (j.locked_until IS NULL OR j.locked_until < ?)")
+	if len(f.queues) > 0 {
+		b.WriteString(" AND j.queue IN ?")
+		args = append(args, f.queues)
+	}
+	if f.prefix != "" {
+		b.WriteString(" AND j.name LIKE ?" + likeEscape)
+		args = append(args, likePrefix(f.prefix))
+	}
+	if f.outOf > 1 {
+		b.WriteString(" AND j.id % ? = ?")
+		args = append(args, f.outOf, ((f.which%f.outOf)+f.outOf)%f.outOf)
+	}
+	// A group's final job waits until every other job of its group is done.
+	b.WriteString(" AND (j.group_id IS NULL OR NOT EXISTS (SELECT 1 FROM " + groupTable + " g JOIN " + jobTable +
+		" o ON o.group_id = g.id WHERE g.id = j.group_id AND g.final_id = j.id AND o.id <> j.id AND " + pending("o") + "))")
+	b.WriteString(" ORDER BY j.priority DESC, CASE WHEN j.scheduled IS NULL THEN 1 ELSE 0 END, j.scheduled, j.id LIMIT ?")
+	args = append(args, f.limit)
+	b.WriteString(p.dialect.lockClause())
+	return b.String(), args
+}
+
+// claim takes up to f.limit runnable jobs for f.owner. Jobs whose attempts
+// ran out without a recorded result (their workers died) end failed here.
+func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
+	var claimed []*Job
+	err := p.serialize(func() error {
+		claimed = claimed[:0]
+		now := p.now()
+		q, args := p.claimQuery(f, now)
+		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
+			if err := p.dialect.beginWrite(tx); err != nil {
+				return err
+			}
+			var jobs []*Job
+			if err := tx.Raw(q, args...).Scan(&jobs).Error; err != nil {
+				return err
+			}
+			if len(jobs) == 0 {
+				return nil
+			}
+			for _, j := range jobs {
+				j.normalize()
+			}
+			var ids, exhausted []int64
+			for _, j := range jobs {
+				if j.MaxAttempts > 0 && j.Attempts >= j.MaxAttempts {
+					exhausted = append(exhausted, j.ID)
+					continue
+				}
+				ids = append(ids, j.ID)
+			}
+			lease := now.Add(f.lease)
+			if len(ids) > 0 {
+				if err := tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN ?",
+					f.owner, lease, ids).Error; err != nil {
+					return err
+				}
+			}
+			for _, j := range jobs {
+				if j.MaxAttempts > 0 && j.Attempts >= j.MaxAttempts {
+					continue
+				}
+				j.Attempts++
+				j.LockedBy, j.LockedUntil = f.owner, &lease
+				claimed = append(claimed, j)
+			}
+			if len(exhausted) > 0 {
+				return p.failExhausted(tx, exhausted, now)
+			}
+			return nil
+		}, p.dialect.claimTxOptions())
+	})
+	if err != nil {
+		return nil, fmt.Errorf("async: claiming jobs: %w", err)
+	}
+	return claimed, nil
+}
+
+func (p *Plugin) failExhausted(tx *gorm.DB, ids []int64, now time.Time) error {
+	if err := tx.Exec("UPDATE "+jobTable+" SET failed = ?, locked_by = '', locked_until = NULL WHERE id IN ?", now, ids).Error; err != nil {
+		return err
+	}
+	rows := make([]JobError, len(ids))
+	for i, id := range ids {
+		rows[i] = JobError{JobID: id, Executed: now,
+			Exception: ErrAttemptsExhausted.Error() + ": the last run ended without a result (its worker stopped or lost the database)",
+			Traceback: ""}
+		p.Logger.Error("async: job failed: attempts exhausted by lost runs", "job", id)
+	}
+	return tx.Create(&rows).Error
+}
+
+// claimByID claims one job for Job.Execute, whatever its schedule.
+func (p *Plugin) claimByID(ctx context.Context, id int64, owner string, lease time.Duration) (*Job, error) {
+	var job Job
+	err := p.serialize(func() error {
+		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
+			now := p.now()
+			res := tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id = ? AND "+pending(jobTable),
+				owner, now.Add(lease), id)
+			if res.Error != nil {
+				return res.Error
+			}
+			if res.RowsAffected == 0 {
+				if tx.Model(&Job{}).Where("id = ?", id).Take(&job).Error != nil {
+					return errorf(ErrJobNotFound, "job %d", id)
+				}
+				return errorf(ErrNotPending, "job %d %s", id, job.state())
+			}
+			return tx.Where("id = ?", id).Take(&job).Error
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &job, nil
+}
+
+func (j *Job) state() string {
+	switch {
+	case j.Executed != nil:
+		return "is executed"
+	case j.Cancelled != nil:
+		return "is cancelled"
+	case j.Failed != nil:
+		return "has failed"
+	}
+	return "is pending"
+}

@@ -1,0 +1,97 @@
+package async
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"gorm.io/gorm"
+)
+
+// RunCommand runs one of the management subcommands, so that any
+// application's main can offer them:
+//
+//	flush_queue [--jobs N] [--which W --outof O] [--filter PREFIX] [--queue Q] [--timeout D]
+//	queue_health [--algorithm rough|precise]
+//	retry JOB_ID
+//
+// It returns the process exit status: non-zero when flush_queue stopped at
+// a failing job, or on any error. Register the application's tasks before
+// calling it.
+func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: flush_queue|queue_health|retry [options]")
+		return 2
+	}
+	db = db.WithContext(ctx)
+	cmd, rest := args[0], args[1:]
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	switch cmd {
+	case "flush_queue":
+		var o FlushOptions
+		var queues string
+		fs.IntVar(&o.Jobs, "jobs", DefaultFlushJobs, "most jobs to run")
+		fs.IntVar(&o.Which, "which", 0, "this runner's partition number")
+		fs.IntVar(&o.OutOf, "outof", 1, "number of partitions")
+		fs.StringVar(&o.Filter, "filter", "", "run only tasks whose name starts with this prefix")
+		fs.StringVar(&queues, "queue", "", "comma-separated queues to run (default all)")
+		fs.DurationVar(&o.Timeout, "timeout", 0, "per-job timeout (0: none)")
+		if fs.Parse(rest) != nil {
+			return 2
+		}
+		if queues != "" {
+			o.Queues = strings.Split(queues, ",")
+		}
+		o.Out = stdout
+		n, err := FlushQueue(db, o)
+		switch {
+		case errors.Is(err, ErrPartitionBusy):
+			fmt.Fprintln(stdout, "Lock is already set, aborting.")
+			return 0
+		case err != nil:
+			fmt.Fprintf(stderr, "flush_queue: %d job(s) ran; stopped: %v\n", n, err)
+			return 1
+		case n == 0:
+			fmt.Fprintln(stdout, "No jobs to execute")
+		default:
+			fmt.Fprintf(stdout, "%d job(s) executed\n", n)
+		}
+		return 0
+	case "queue_health":
+		if fs.Parse(rest) != nil {
+			return 2
+		}
+		rep, err := Health(db)
+		if err != nil {
+			fmt.Fprintf(stderr, "queue_health: %v\n", err)
+			return 1
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(rep)
+		return 0
+	case "retry":
+		if fs.Parse(rest) != nil || fs.NArg() != 1 {
+			fmt.Fprintln(stderr, "usage: retry JOB_ID")
+			return 2
+		}
+		id, err := strconv.ParseInt(fs.Arg(0), 10, 64)
+		if err == nil {
+			err = Retry(db, id)
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "retry: %v\n", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "job %d will run again\n", id)
+		return 0
+	}
+	fmt.Fprintf(stderr, "unknown command %q (want flush_queue, queue_health or retry)\n", cmd)
+	return 2
+}

@@ -1,0 +1,213 @@
+package async
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5/stdlib"
+	"gorm.io/gorm"
+)
+
+// This file is the only code that knows database names and their SQL quirks.
+
+type dialectKind int
+
+const (
+	kindPostgres dialectKind = iota + 1
+	kindMySQL
+	kindSQLite
+)
+
+// dialect describes what the connected server can do.
+type dialect struct {
+	kind    dialectKind
+	name    string // "postgres", "mysql" or "sqlite", as GORM names it
+	version string // server version string
+	// skipLocked is true where claims use FOR UPDATE SKIP LOCKED.
+	skipLocked bool
+	// singleWriter is true for SQLite: one write transaction at a time, so the
+	// plugin serialises its own writers in-process.
+	singleWriter bool
+}
+
+// DialectInfo describes the database the plugin detected.
+type DialectInfo struct {
+	// Name is "postgres", "mysql" or "sqlite".
+	Name string `json:"name"`
+	// Version is the server version string.
+	Version string `json:"version"`
+	// SkipLocked reports whether claims use FOR UPDATE SKIP LOCKED.
+	SkipLocked bool `json:"skip-locked"`
+	// Locking describes the claim strategy in words.
+	Locking string `json:"locking"`
+}
+
+func (d *dialect) info() DialectInfo {
+	locking := "FOR UPDATE SKIP LOCKED"
+	switch {
+	case d.singleWriter:
+		locking = "single writer (SQLite database lock, serialised in-process)"
+	case !d.skipLocked:
+		locking = "FOR UPDATE (server lacks SKIP LOCKED: claims queue behind running jobs)"
+	}
+	return DialectInfo{Name: d.name, Version: d.version, SkipLocked: d.skipLocked, Locking: locking}
+}
+
+var versionRE = regexp.MustCompile(`^(\d+)\.(\d+)`)
+
+func detectDialect(db *gorm.DB) (*dialect, error) {
+	name := db.Dialector.Name()
+	d := &dialect{name: name}
+	switch name {
+	case "postgres":
+		d.kind = kindPostgres
+		if err := db.Raw("SHOW server_version").Scan(&d.version).Error; err != nil {
+			return nil, fmt.Errorf("async: reading postgres version: %w", err)
+		}
+		major, _ := parseVersion(d.version)
+		d.skipLocked = major >= 10 || major == 9 && versionMinor(d.version) >= 5
+	case "mysql":
+		d.kind = kindMySQL
+		if err := db.Raw("SELECT VERSION()").Scan(&d.version).Error; err != nil {
+			return nil, fmt.Errorf("async: reading mysql version: %w", err)
+		}
+		major, minor := parseVersion(d.version)
+		if strings.Contains(strings.ToLower(d.version), "mariadb") {
+			d.skipLocked = major > 10 || major == 10 && minor >= 6
+		} else {
+			d.skipLocked = major >= 8
+		}
+	case "sqlite", "sqlite3":
+		d.kind = kindSQLite
+		d.name = "sqlite"
+		d.singleWriter = true
+		if err := db.Raw("SELECT sqlite_version()").Scan(&d.version).Error; err != nil {
+			return nil, fmt.Errorf("async: reading sqlite version: %w", err)
+		}
+	default:
+		return nil, errorf(ErrUnsupportedDialect, "%q (supported: postgres, mysql, sqlite)", name)
+	}
+	return d, nil
+}
+
+func parseVersion(v string) (int, int) {
+	m := versionRE.FindStringSubmatch(v)
+	if m == nil {
+		return 0, 0
+	}
+	a, _ := strconv.Atoi(m[1])
+	b, _ := strconv.Atoi(m[2])
+	return a, b
+}
+
+func versionMinor(v string) int { _, b := parseVersion(v); return b }
+
+// lockClause is appended to the claim's SELECT.
+func (d *dialect) lockClause() string {
+	switch {
+	case d.singleWriter:
+		return "" // the write lock of the claim transaction serialises claims
+	case d.skipLocked:
+		return " FOR UPDATE SKIP LOCKED"
+	default:
+		return " FOR UPDATE"
+	}
+}
+
+// beginWrite makes a transaction take the database's write lock first. On
+// SQLite a transaction that reads and then writes fails at once with
+// SQLITE_BUSY_SNAPSHOT when another connection committed in between; taking
+// the write lock up front makes it wait (busy_timeout) instead.
+func (d *dialect) beginWrite(tx *gorm.DB) error {
+	if !d.singleWriter {
+		return nil
+	}
+	return tx.Exec("UPDATE " + lockTable + " SET owner = owner WHERE 1 = 0").Error
+}
+
+// claimTxOptions avoids InnoDB gap locks: under REPEATABLE READ a locking
+// range scan would block inserts (Schedule) into the scanned gaps.
+func (d *dialect) claimTxOptions() *sql.TxOptions {
+	if d.kind == kindMySQL {
+		return &sql.TxOptions{Isolation: sql.LevelReadCommitted}
+	}
+	return nil
+}
+
+// notifyChannel is the Postgres channel a trigger on async_job notifies on
+// every insert; the notification is delivered when the inserting transaction commits.
+const notifyChannel = "async_job"
+
+// migrateExtras creates what GORM's AutoMigrate cannot express.
+func (d *dialect) migrateExtras(db *gorm.DB) error {
+	var stmts []string
+	switch d.kind {
+	case kindPostgres:
+		stmts = []string{
+			`CREATE OR REPLACE FUNCTION async_job_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
+			`DROP TRIGGER IF EXISTS async_job_notify ON async_job`,
+			`CREATE TRIGGER async_job_notify AFTER INSERT ON async_job FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()`,
+			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
+		}
+	case kindSQLite:
+		stmts = []string{
+			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
+		}
+	}
+	for _, s := range stmts {
+		if err := db.Exec(s).Error; err != nil {
+			return fmt.Errorf("async: migrating %s: %w", d.name, err)
+		}
+	}
+	return nil
+}
+
+// canListen reports whether listen can deliver commit-time notifications.
+func (d *dialect) canListen() bool { return d.kind == kindPostgres }
+
+// listen holds one pooled connection in LISTEN and calls wake for every
+// notification until ctx ends. ready is called once the LISTEN is in place.
+func (d *dialect) listen(ctx context.Context, sqlDB *sql.DB, ready, wake func()) error {
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return conn.Raw(func(dc any) error {
+		sc, ok := dc.(*stdlib.Conn)
+		if !ok {
+			return fmt.Errorf("async: postgres driver connection is %T, not pgx: LISTEN unavailable", dc)
+		}
+		pc := sc.Conn()
+		if _, err := pc.Exec(ctx, "LISTEN "+notifyChannel); err != nil {
+			return fmt.Errorf("async: LISTEN: %w (%w)", err, driver.ErrBadConn)
+		}
+		ready()
+		for {
+			if _, err := pc.WaitForNotification(ctx); err != nil {
+				// The connection still listens (or is broken): never return
+				// it to the pool.
+				if ctx.Err() != nil {
+					return driver.ErrBadConn
+				}
+				return fmt.Errorf("async: listening: %w (%w)", err, driver.ErrBadConn)
+			}
+			wake()
+		}
+	})
+}
+
+// likeEscape makes a LIKE pattern that matches prefix literally; the escape
+// character is '!' because backslash means different things to MySQL and the others.
+func likePrefix(prefix string) string {
+	r := strings.NewReplacer("!", "!!", "%", "!%", "_", "!_")
+	return r.Replace(prefix) + "%"
+}
+
+const likeEscape = " ESCAPE '!'"

@@ -1,0 +1,82 @@
+package async
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Sentinel errors. Every error returned by this package wraps one of these (or
+// an error from the database driver), so callers can test with errors.Is.
+var (
+	// ErrNilDB is returned when a nil *gorm.DB handle is passed.
+	ErrNilDB = errors.New("async: nil *gorm.DB handle")
+	// ErrNotInstalled is returned when the handle's gorm.DB has no async.Plugin.
+	ErrNotInstalled = errors.New("async: plugin not installed on this *gorm.DB (call db.Use(&async.Plugin{}))")
+	// ErrUnsupportedDialect is returned by Plugin.Initialize for a database other
+	// than PostgreSQL, MySQL/MariaDB or SQLite.
+	ErrUnsupportedDialect = errors.New("async: unsupported database dialect")
+	// ErrNilTask is returned when Schedule is given a nil task.
+	ErrNilTask = errors.New("async: nil task")
+	// ErrUnknownTask is returned (and recorded on the job) when a task name is
+	// not registered in the running process.
+	ErrUnknownTask = errors.New("async: unknown task")
+	// ErrBadSignature is returned by Register for a function that is not a task.
+	ErrBadSignature = errors.New("async: bad task signature")
+	// ErrBadArguments is returned when arguments do not fit the task's
+	// parameters, or are not valid JSON.
+	ErrBadArguments = errors.New("async: bad task arguments")
+	// ErrBadResult is recorded when a task's result cannot be JSON-encoded.
+	ErrBadResult = errors.New("async: task result is not JSON-encodable")
+	// ErrTaskPanicked is recorded when a task panics.
+	ErrTaskPanicked = errors.New("async: task panicked")
+	// ErrTimeout is recorded when a task runs longer than its timeout.
+	ErrTimeout = errors.New("async: task timed out")
+	// ErrPermanent marks a task error as permanent: the job fails at once, with
+	// no retry. Wrap it with Permanent.
+	ErrPermanent = errors.New("async: permanent failure")
+	// ErrAttemptsExhausted is recorded when a job's attempts run out without a
+	// recorded error, for example because its worker process died each time.
+	ErrAttemptsExhausted = errors.New("async: attempts exhausted")
+	// ErrJobNotFound is returned when a job id does not exist.
+	ErrJobNotFound = errors.New("async: job not found")
+	// ErrLeaseLost is returned when a job's claim was taken over by another
+	// worker before it started; the job was not run by this worker.
+	ErrLeaseLost = errors.New("async: job lease lost")
+	// ErrBadOption is returned for an invalid option value.
+	ErrBadOption = errors.New("async: bad option")
+	// ErrPoolTooSmall is returned by NewWorker when the connection pool cannot
+	// serve the requested concurrency.
+	ErrPoolTooSmall = errors.New("async: connection pool too small for worker concurrency")
+	// ErrGroupHasExecutedJobs is returned when a job is added to a group that
+	// already has executed or cancelled jobs.
+	ErrGroupHasExecutedJobs = errors.New("async: group already has executed or cancelled jobs")
+	// ErrGroupNotFound is returned when no group has the given reference.
+	ErrGroupNotFound = errors.New("async: group not found")
+	// ErrPartitionBusy is returned by FlushQueue when another run already holds
+	// the same --which/--outof partition.
+	ErrPartitionBusy = errors.New("async: another flush_queue holds this partition")
+	// ErrUnknownAlgorithm is returned for an unknown estimation algorithm.
+	ErrUnknownAlgorithm = errors.New("async: unknown estimation algorithm")
+)
+
+// Permanent wraps err so that the job fails at once instead of being retried.
+// errors.Is(Permanent(err), ErrPermanent) and errors.Is(Permanent(err), err) both hold.
+func Permanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &permanentError{err: err}
+}
+
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string   { return e.err.Error() }
+func (e *permanentError) Unwrap() []error { return []error{ErrPermanent, e.err} }
+
+func errorf(sentinel error, format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{sentinel}, args...)...)
+}
+
+// ErrNotPending is returned by Job.Execute for a job that is executed,
+// cancelled or failed.
+var ErrNotPending = errors.New("async: job is not pending")

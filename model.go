@@ -1,0 +1,188 @@
+package async
+
+import (
+	"bytes"
+	"crypto/sha1"
+	"encoding/hex"
+	"encoding/json"
+	"sort"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// Table names. They follow the reference system's tables.
+const (
+	jobTable   = "async_job"
+	errorTable = "async_error"
+	groupTable = "async_group"
+	lockTable  = "async_lock"
+)
+
+// Job is a scheduled call of a registered task: the GORM model of table
+// async_job. A job is pending while Executed, Cancelled and Failed are all nil.
+type Job struct {
+	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	// Name is the registered task name.
+	Name string `gorm:"size:191;not null;index:async_job_name" json:"name"`
+	// Queue is the queue the job is served from ("default" unless set).
+	Queue string `gorm:"size:100;not null;default:default;index:async_job_claim,priority:1" json:"queue"`
+	// Args is the JSON array of positional arguments.
+	Args string `gorm:"type:text;not null" json:"args"`
+	// Kwargs is the JSON object of keyword arguments.
+	Kwargs string `gorm:"type:text;not null" json:"kwargs"`
+	// Meta is free JSON for the application; the library stores it only.
+	Meta string `gorm:"type:text;not null" json:"meta"`
+	// Result is the JSON encoding of the task's result once executed.
+	Result string `gorm:"type:text" json:"result"`
+	// Priority orders runnable jobs: higher runs first. Default 5.
+	Priority int `gorm:"not null;default:5;index:async_job_claim,priority:5" json:"priority"`
+	// Identity is the SHA-1 of the job's text form (name and arguments).
+	Identity string `gorm:"size:40;not null;index:async_job_identity" json:"identity"`
+	// Added is when the job was scheduled.
+	Added time.Time `gorm:"precision:6;not null" json:"added"`
+	// Scheduled is the earliest time the job may run; nil means as soon as possible.
+	Scheduled *time.Time `gorm:"precision:6" json:"scheduled"`
+	// Started is when the successful run started (committed with Executed).
+	Started *time.Time `gorm:"precision:6" json:"started"`
+	// Executed is when the job completed successfully.
+	Executed *time.Time `gorm:"precision:6;index:async_job_claim,priority:2" json:"executed"`
+	// Cancelled is when the job was descheduled.
+	Cancelled *time.Time `gorm:"precision:6;index:async_job_claim,priority:3" json:"cancelled"`
+	// Failed is when the job ended in the terminal failed state.
+	Failed *time.Time `gorm:"precision:6;index:async_job_claim,priority:4" json:"failed"`
+	// Attempts counts the runs started, including the one in progress.
+	Attempts int `gorm:"not null;default:0" json:"attempts"`
+	// MaxAttempts is how many runs the job gets; zero or less means unlimited.
+	MaxAttempts int `gorm:"not null;default:0" json:"max_attempts"`
+	// LockedUntil is the lease of the worker that claimed the job.
+	LockedUntil *time.Time `gorm:"precision:6" json:"locked_until"`
+	// LockedBy identifies the claim that holds the lease ("" when free).
+	LockedBy string `gorm:"size:64;not null;default:''" json:"locked_by"`
+	// GroupID is the job's group, if any.
+	GroupID *int64 `gorm:"index:async_job_group" json:"group_id"`
+}
+
+// TableName returns "async_job".
+func (Job) TableName() string { return jobTable }
+
+// Pending reports whether the job may still run.
+func (j *Job) Pending() bool { return j.Executed == nil && j.Cancelled == nil && j.Failed == nil }
+
+// AfterFind presents the job's times in UTC, whatever zone the driver used.
+func (j *Job) AfterFind(*gorm.DB) error { j.normalize(); return nil }
+
+func (j *Job) normalize() {
+	j.Added = j.Added.UTC()
+	for _, t := range []*time.Time{j.Scheduled, j.Started, j.Executed, j.Cancelled, j.Failed, j.LockedUntil} {
+		if t != nil {
+			*t = t.UTC()
+		}
+	}
+}
+
+// String returns the job's human-readable text form, name(args, key=value).
+func (j *Job) String() string { return textForm(j.Name, j.Args, j.Kwargs) }
+
+// JobError is one recorded failure of a job: the GORM model of table async_error.
+type JobError struct {
+	ID    int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	JobID int64 `gorm:"not null;index:async_error_job" json:"job_id"`
+	// Executed is when the failure was recorded (the reference's column name).
+	Executed time.Time `gorm:"precision:6;not null" json:"executed"`
+	// Exception is the error text, prefixed by its Go type.
+	Exception string `gorm:"type:text;not null" json:"exception"`
+	// Traceback is the goroutine stack and the chain of wrapped errors.
+	Traceback string `gorm:"type:text;not null" json:"traceback"`
+}
+
+// AfterFind presents the error's time in UTC.
+func (e *JobError) AfterFind(*gorm.DB) error { e.Executed = e.Executed.UTC(); return nil }
+
+// TableName returns "async_error".
+func (JobError) TableName() string { return errorTable }
+
+// Group collects jobs under a reference; its Final job runs after all others.
+type Group struct {
+	ID          int64     `gorm:"primaryKey;autoIncrement" json:"id"`
+	Reference   string    `gorm:"size:191;not null;index:async_group_reference" json:"reference"`
+	Description *string   `gorm:"type:text" json:"description"`
+	Created     time.Time `gorm:"precision:6;not null" json:"created"`
+	FinalID     *int64    `gorm:"index:async_group_final" json:"final_id"`
+}
+
+// AfterFind presents the group's time in UTC.
+func (g *Group) AfterFind(*gorm.DB) error { g.Created = g.Created.UTC(); return nil }
+
+// TableName returns "async_group".
+func (Group) TableName() string { return groupTable }
+
+// partitionLock is a row of async_lock: a named lease held by one process.
+type partitionLock struct {
+	Name    string    `gorm:"primaryKey;size:191"`
+	Owner   string    `gorm:"size:64;not null"`
+	Expires time.Time `gorm:"precision:6;not null"`
+}
+
+func (partitionLock) TableName() string { return lockTable }
+
+// textForm renders name(arg1, arg2, key=value) from the stored JSON. Each value
+// is written in canonical JSON; keyword arguments are sorted by key.
+func textForm(name, args, kwargs string) string {
+	var b strings.Builder
+	b.WriteString(name)
+	b.WriteByte('(')
+	first := true
+	sep := func() {
+		if !first {
+			b.WriteString(", ")
+		}
+		first = false
+	}
+	var list []json.RawMessage
+	if json.Unmarshal([]byte(args), &list) == nil {
+		for _, a := range list {
+			sep()
+			b.Write(canonicalJSON(a))
+		}
+	}
+	var kw map[string]json.RawMessage
+	if json.Unmarshal([]byte(kwargs), &kw) == nil {
+		keys := make([]string, 0, len(kw))
+		for k := range kw {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			sep()
+			b.WriteString(k)
+			b.WriteByte('=')
+			b.Write(canonicalJSON(kw[k]))
+		}
+	}
+	b.WriteByte(')')
+	return b.String()
+}
+
+// canonicalJSON re-encodes a JSON value compactly with object keys sorted and
+// numbers kept as written, so equal values give equal bytes.
+func canonicalJSON(raw []byte) []byte {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if dec.Decode(&v) != nil {
+		return raw
+	}
+	out, err := json.Marshal(v)
+	if err != nil {
+		return raw
+	}
+	return out
+}
+
+// identityOf is the SHA-1 hex of the text form: the key Deschedule matches on.
+func identityOf(name, args, kwargs string) string {
+	sum := sha1.Sum([]byte(textForm(name, args, kwargs)))
+	return hex.EncodeToString(sum[:])
+}

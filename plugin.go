@@ -1,0 +1,171 @@
+package async
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+const pluginName = "async"
+
+// DefaultMaxAttempts is the number of runs a job gets when neither the job
+// (MaxAttempts option) nor the plugin says otherwise.
+const DefaultMaxAttempts = 25
+
+// Plugin is the GORM plugin that installs the job queue:
+//
+//	db.Use(&async.Plugin{})
+//
+// Install it right after gorm.Open, before deriving sessions from db.
+type Plugin struct {
+	// SkipMigration leaves the tables alone; by default Initialize
+	// automigrates async_job, async_error, async_group and async_lock.
+	SkipMigration bool
+	// MaxAttempts is the default number of runs a job gets before it ends
+	// failed. Zero means DefaultMaxAttempts; a negative value means unlimited.
+	MaxAttempts int
+	// RetryPolicy decides when and at what priority a failed job runs again.
+	// Nil means DefaultRetryPolicy (the reference's 60·n^1.6 seconds, priority
+	// lowered by one). A task's own policy (WithRetryPolicy) wins over this one.
+	RetryPolicy RetryPolicy
+	// Logger receives the plugin's logs. Nil means slog.Default().
+	Logger *slog.Logger
+	// BeforeRun, if set, is called inside each job's transaction just before
+	// its task; the context it returns is the task's context.
+	BeforeRun BeforeRunHook
+	// AfterRun, if set, is called after each run ends, outside any transaction.
+	AfterRun AfterRunHook
+	// JobLink turns a job id into the link reported by Health (for example a
+	// URL of an admin page). Nil reports the bare id.
+	JobLink func(id int64) string
+
+	db      *gorm.DB
+	dialect *dialect
+	wakers  notifier
+	// writeMu serialises this process's writing transactions on SQLite,
+	// which has a single database-wide writer.
+	writeMu sync.Mutex
+}
+
+// Name returns "async", the plugin's name in gorm.Config.Plugins.
+func (p *Plugin) Name() string { return pluginName }
+
+// Initialize detects the dialect, migrates the tables and installs the
+// callbacks. GORM calls it from db.Use.
+func (p *Plugin) Initialize(db *gorm.DB) error {
+	d, err := detectDialect(db)
+	if err != nil {
+		return err
+	}
+	p.db, p.dialect = db, d
+	if p.Logger == nil {
+		p.Logger = slog.Default()
+	}
+	if !p.SkipMigration {
+		if err := p.migrate(db); err != nil {
+			return err
+		}
+	}
+	if !d.skipLocked && !d.singleWriter {
+		p.Logger.Warn("async: database server lacks FOR UPDATE SKIP LOCKED; workers fall back to plain row locking", "version", d.version)
+	}
+	installCommitWake(db, p)
+	registerBuiltins()
+	return db.Callback().Create().After("gorm:create").Register("async:wake_on_job_insert", p.afterCreate)
+}
+
+func (p *Plugin) migrate(db *gorm.DB) error {
+	if err := db.AutoMigrate(&Job{}, &JobError{}, &Group{}, &partitionLock{}); err != nil {
+		return fmt.Errorf("async: automigrate: %w", err)
+	}
+	return p.dialect.migrateExtras(db)
+}
+
+// Dialect describes the database the plugin detected on db.
+func Dialect(db *gorm.DB) (DialectInfo, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return DialectInfo{}, err
+	}
+	return p.dialect.info(), nil
+}
+
+// pluginOf finds the plugin installed on db's configuration.
+func pluginOf(db *gorm.DB) (*Plugin, error) {
+	if db == nil {
+		return nil, ErrNilDB
+	}
+	if db.Config != nil {
+		if p, ok := db.Config.Plugins[pluginName].(*Plugin); ok && p.dialect != nil {
+			return p, nil
+		}
+	}
+	return nil, ErrNotInstalled
+}
+
+// now is the database clock: db.NowFunc in UTC, at the microsecond precision
+// all three databases store.
+func (p *Plugin) now() time.Time {
+	return p.db.Config.NowFunc().UTC().Truncate(time.Microsecond)
+}
+
+func (p *Plugin) maxAttempts() int {
+	switch {
+	case p.MaxAttempts == 0:
+		return DefaultMaxAttempts
+	case p.MaxAttempts < 0:
+		return 0
+	}
+	return p.MaxAttempts
+}
+
+// session is a fresh handle on the root db with ctx.
+func (p *Plugin) session(ctx context.Context) *gorm.DB {
+	return p.db.Session(&gorm.Session{NewDB: true, Context: ctx})
+}
+
+// serialize runs fn holding the in-process writer lock where the database
+// has a single writer.
+func (p *Plugin) serialize(fn func() error) error {
+	if p.dialect.singleWriter {
+		p.writeMu.Lock()
+		defer p.writeMu.Unlock()
+	}
+	return fn()
+}
+
+// notifier wakes idle workers of this process.
+type notifier struct {
+	mu   sync.Mutex
+	subs map[chan struct{}]struct{}
+}
+
+func (n *notifier) subscribe() (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	n.mu.Lock()
+	if n.subs == nil {
+		n.subs = map[chan struct{}]struct{}{}
+	}
+	n.subs[ch] = struct{}{}
+	n.mu.Unlock()
+	return ch, func() {
+		n.mu.Lock()
+		delete(n.subs, ch)
+		n.mu.Unlock()
+	}
+}
+
+func (n *notifier) broadcast() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for ch := range n.subs {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}

@@ -1,0 +1,167 @@
+package async
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// Option configures a job at Schedule time.
+type Option func(*jobSpec)
+
+type jobSpec struct {
+	args        []any
+	kwargs      Kwargs
+	runAfter    *time.Time
+	priority    int
+	meta        map[string]any
+	queue       string
+	maxAttempts *int
+	group       string
+	err         error
+}
+
+// Args sets the task's positional arguments. Each must encode to JSON that
+// decodes into the corresponding parameter.
+func Args(v ...any) Option { return func(s *jobSpec) { s.args = append(s.args, v...) } }
+
+// WithKwargs sets keyword arguments, passed to a task whose last parameter is Kwargs.
+func WithKwargs(k Kwargs) Option {
+	return func(s *jobSpec) {
+		if s.kwargs == nil {
+			s.kwargs = Kwargs{}
+		}
+		for key, v := range k {
+			s.kwargs[key] = v
+		}
+	}
+}
+
+// RunAfter sets the earliest time the job may run.
+func RunAfter(t time.Time) Option {
+	return func(s *jobSpec) { u := t.UTC().Truncate(time.Microsecond); s.runAfter = &u }
+}
+
+// Priority sets the job's priority (default 5): higher runs first.
+func Priority(p int) Option { return func(s *jobSpec) { s.priority = p } }
+
+// Meta stores application data with the job; the library does not read it.
+func Meta(m map[string]any) Option { return func(s *jobSpec) { s.meta = m } }
+
+// Queue puts the job in a named queue (default "default"). Workers serve the
+// queues they are given.
+func Queue(name string) Option {
+	return func(s *jobSpec) {
+		if name == "" || len(name) > 100 {
+			s.err = errorf(ErrBadOption, "queue name %q must have 1 to 100 bytes", name)
+		}
+		s.queue = name
+	}
+}
+
+// MaxAttempts sets how many runs the job gets before it ends failed; zero or
+// less means unlimited. The default is the plugin's MaxAttempts.
+func MaxAttempts(n int) Option { return func(s *jobSpec) { s.maxAttempts = &n } }
+
+// DefaultQueue is the queue jobs go to without the Queue option.
+const DefaultQueue = "default"
+
+// Schedule adds a job to the queue through tx. When tx is a transaction the
+// job exists only if that transaction commits; on a plain handle the job is
+// committed at once. task is a registered function or a task name; a name
+// need not be registered in this process. When the task is registered here,
+// the arguments are checked against its parameters.
+func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
+	p, err := pluginOf(tx)
+	if err != nil {
+		return nil, err
+	}
+	job, err := p.newJob(task, opts)
+	if err != nil {
+		return nil, err
+	}
+	if tx.Error != nil {
+		return nil, fmt.Errorf("async: schedule %s: the handle already carries an error: %w", job.Name, tx.Error)
+	}
+	db := tx.Session(&gorm.Session{NewDB: true})
+	if job.groupRef != "" {
+		if job.GroupID, err = p.joinGroup(db, job.groupRef); err != nil {
+			return nil, err
+		}
+	}
+	if err := db.Create(&job.Job).Error; err != nil {
+		return nil, fmt.Errorf("async: schedule %s: %w", job.Name, err)
+	}
+	return &job.Job, nil
+}
+
+// newJobRow is a job ready to insert, with its group reference.
+type newJobRow struct {
+	Job
+	groupRef string
+}
+
+func (p *Plugin) newJob(task any, opts []Option) (*newJobRow, error) {
+	name, t, err := resolveTask(task)
+	if err != nil {
+		return nil, err
+	}
+	spec := jobSpec{priority: 5, queue: DefaultQueue}
+	for _, o := range opts {
+		if o != nil {
+			o(&spec)
+		}
+	}
+	if spec.err != nil {
+		return nil, fmt.Errorf("async: schedule %s: %w", name, spec.err)
+	}
+	args := make([]json.RawMessage, len(spec.args))
+	for i, a := range spec.args {
+		b, err := json.Marshal(a)
+		if err != nil {
+			return nil, errorf(ErrBadArguments, "task %s argument %d (%T) is not JSON-encodable: %v", name, i+1, a, err)
+		}
+		args[i] = b
+	}
+	kwargs := make(map[string]json.RawMessage, len(spec.kwargs))
+	for k, v := range spec.kwargs {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return nil, errorf(ErrBadArguments, "task %s keyword argument %s (%T) is not JSON-encodable: %v", name, k, v, err)
+		}
+		kwargs[k] = b
+	}
+	if t != nil {
+		if err := t.checkArgs(args, kwargs); err != nil {
+			return nil, err
+		}
+	}
+	argsJSON, _ := json.Marshal(args)
+	kwargsJSON, _ := json.Marshal(kwargs)
+	meta := []byte("{}")
+	if spec.meta != nil {
+		if meta, err = json.Marshal(spec.meta); err != nil {
+			return nil, errorf(ErrBadArguments, "task %s meta is not JSON-encodable: %v", name, err)
+		}
+	}
+	max := p.maxAttempts()
+	if spec.maxAttempts != nil {
+		max = *spec.maxAttempts
+	}
+	j := &newJobRow{groupRef: spec.group}
+	j.Job = Job{
+		Name:        name,
+		Queue:       spec.queue,
+		Args:        string(argsJSON),
+		Kwargs:      string(kwargsJSON),
+		Meta:        string(meta),
+		Priority:    spec.priority,
+		Added:       p.now(),
+		Scheduled:   spec.runAfter,
+		MaxAttempts: max,
+	}
+	j.Identity = identityOf(j.Name, j.Args, j.Kwargs)
+	return j, nil
+}
