@@ -1,0 +1,249 @@
+package async
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// WorkerOptions configure a Worker. Zero values take the documented defaults.
+type WorkerOptions struct {
+	// Concurrency is how many jobs run at once. Default: 10, lowered to fit
+	// the pool (MaxOpenConns minus the connections the worker keeps for
+	// itself: one for claims and bookkeeping, and on Postgres one that
+	// listens for notifications). On SQLite jobs still run one at a time,
+	// because the database has a single writer.
+	Concurrency int
+	// Queues are the queues served. Default: ["default"].
+	Queues []string
+	// PollInterval is how often an idle worker looks for due jobs when
+	// nothing wakes it. Default: 1s, with ±20% jitter.
+	PollInterval time.Duration
+	// JobTimeout cancels a task's context after this long; the run is then
+	// rolled back and recorded as a timeout failure. Default: none.
+	JobTimeout time.Duration
+	// ShutdownTimeout is how long running jobs may take to finish after Run's
+	// context is cancelled; then they are cancelled, rolled back and left
+	// runnable. Default: 30s.
+	ShutdownTimeout time.Duration
+	// Lease is how long a claim reserves a job before its run starts; after a
+	// worker crash its jobs are claimed again once their lease expires. A
+	// running job holds its row lock, so it is never started twice however
+	// long it runs. Default: DefaultLease (1 minute).
+	Lease time.Duration
+	// ID names this worker in logs and in the locked_by column. Default:
+	// host-pid-random.
+	ID string
+}
+
+// Worker runs jobs from the database until its context is cancelled. Any
+// number of workers, in any number of processes on any hosts, may share one
+// database: claims are row-locked transactions, so each job runs once.
+type Worker struct {
+	p    *Plugin
+	opts WorkerOptions
+}
+
+// DefaultConcurrency is a Worker's concurrency when neither the options nor
+// the pool size say otherwise.
+const DefaultConcurrency = 10
+
+// NewWorker checks the options against db's connection pool and returns a worker.
+func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return nil, err
+	}
+	if o.Concurrency < 0 || o.PollInterval < 0 || o.JobTimeout < 0 || o.ShutdownTimeout < 0 || o.Lease < 0 {
+		return nil, errorf(ErrBadOption, "worker options must not be negative: %+v", o)
+	}
+	reserved := 1
+	if p.dialect.canListen() {
+		reserved++
+	}
+	maxOpen := 0
+	if sqlDB, err := db.DB(); err == nil {
+		maxOpen = sqlDB.Stats().MaxOpenConnections
+	}
+	switch {
+	case o.Concurrency == 0 && maxOpen > 0:
+		o.Concurrency = min(DefaultConcurrency, maxOpen-reserved)
+	case o.Concurrency == 0:
+		o.Concurrency = DefaultConcurrency
+	}
+	if o.Concurrency < 1 || maxOpen > 0 && o.Concurrency+reserved > maxOpen {
+		return nil, errorf(ErrPoolTooSmall, "concurrency %d needs %d connections but the pool allows %d (raise SetMaxOpenConns or lower Concurrency)",
+			o.Concurrency, o.Concurrency+reserved, maxOpen)
+	}
+	if len(o.Queues) == 0 {
+		o.Queues = []string{DefaultQueue}
+	}
+	if o.PollInterval == 0 {
+		o.PollInterval = time.Second
+	}
+	if o.ShutdownTimeout == 0 {
+		o.ShutdownTimeout = 30 * time.Second
+	}
+	if o.Lease == 0 {
+		o.Lease = DefaultLease
+	}
+	if o.ID == "" {
+		host, _ := os.Hostname()
+		o.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), newOwner()[:6])
+	}
+	if len(o.ID) > 64 {
+		return nil, errorf(ErrBadOption, "worker id %q is longer than 64 bytes", o.ID)
+	}
+	return &Worker{p: p, opts: o}, nil
+}
+
+// Options returns the worker's options with defaults filled in.
+func (w *Worker) Options() WorkerOptions { return w.opts }
+
+// Run claims and runs jobs until ctx is cancelled, then stops claiming, gives
+// running jobs ShutdownTimeout to finish, cancels the rest (their writes are
+// rolled back and they stay runnable) and returns nil. Database errors are
+// logged and retried with backoff; they do not end Run.
+func (w *Worker) Run(ctx context.Context) error {
+	p, o := w.p, w.opts
+	log := p.Logger.With("worker", o.ID)
+	wake, unsubscribe := p.wakers.subscribe()
+	defer unsubscribe()
+
+	// Jobs get their own context: it outlives ctx by the shutdown timeout.
+	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelJobs()
+
+	var bg sync.WaitGroup // every goroutine Run starts ends before Run returns
+	defer bg.Wait()
+	listenCtx, stopListen := context.WithCancel(ctx)
+	defer stopListen()
+	if p.dialect.canListen() {
+		bg.Add(1)
+		go func() { defer bg.Done(); w.listen(listenCtx) }()
+	}
+
+	done := make(chan struct{}, o.Concurrency)
+	running := 0
+	var jobs sync.WaitGroup
+	f := &claimFilter{queues: o.Queues, lease: o.Lease, owner: o.ID}
+	retry := newBackoff()
+	more := true // the last claim may have left due jobs behind
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for ctx.Err() == nil {
+		if more && running < o.Concurrency {
+			f.limit = o.Concurrency - running
+			claimed, err := p.claim(ctx, f)
+			if err != nil {
+				if ctx.Err() != nil {
+					break
+				}
+				d := retry.next()
+				log.Error("async: worker cannot claim jobs; retrying", "error", err, "in", d)
+				resetTimer(timer, d)
+			} else {
+				retry.reset()
+				more = len(claimed) == f.limit
+				for _, job := range claimed {
+					running++
+					jobs.Add(1)
+					go func() {
+						defer jobs.Done()
+						p.run(jobCtx, job, runOptions{timeout: o.JobTimeout})
+						done <- struct{}{}
+					}()
+				}
+				if !more {
+					resetTimer(timer, jitter(o.PollInterval))
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-done:
+			running--
+		case <-wake:
+			more = true
+		case <-timer.C:
+			more = true
+		}
+	}
+
+	// Graceful shutdown: no new claims; running jobs get the shutdown timeout.
+	stopListen()
+	finished := make(chan struct{})
+	go func() { jobs.Wait(); close(finished) }()
+	if running > 0 {
+		log.Info("async: worker stopping; waiting for running jobs", "running", running, "timeout", o.ShutdownTimeout)
+	}
+	grace := time.NewTimer(o.ShutdownTimeout)
+	defer grace.Stop()
+	select {
+	case <-finished:
+	case <-grace.C:
+		log.Warn("async: shutdown timeout; cancelling running jobs (they stay runnable)")
+		cancelJobs()
+		<-finished
+	}
+	return nil
+}
+
+// listen keeps a LISTEN connection open (Postgres), reconnecting with backoff.
+func (w *Worker) listen(ctx context.Context) {
+	p := w.p
+	sqlDB, err := p.db.DB()
+	if err != nil {
+		return
+	}
+	retry := newBackoff()
+	for ctx.Err() == nil {
+		err := p.dialect.listen(ctx, sqlDB, retry.reset, p.wakers.broadcast)
+		if ctx.Err() != nil {
+			return
+		}
+		d := retry.next()
+		p.Logger.Warn("async: notification listener lost; polling until it reconnects", "error", err, "in", d)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(d):
+		}
+	}
+}
+
+func resetTimer(t *time.Timer, d time.Duration) {
+	t.Stop()
+	select {
+	case <-t.C:
+	default:
+	}
+	t.Reset(d)
+}
+
+// jitter spreads d by ±20% so that idle workers do not poll in step.
+func jitter(d time.Duration) time.Duration {
+	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
+}
+
+// backoff is an exponential delay from 100ms to 30s, with jitter.
+type backoff struct{ d time.Duration }
+
+func newBackoff() *backoff { return &backoff{} }
+
+func (b *backoff) reset() { b.d = 0 }
+
+func (b *backoff) next() time.Duration {
+	switch {
+	case b.d == 0:
+		b.d = 100 * time.Millisecond
+	case b.d < 30*time.Second:
+		b.d = min(2*b.d, 30*time.Second)
+	}
+	return jitter(b.d)
+}
