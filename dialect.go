@@ -119,6 +119,16 @@ func (d *dialect) lockClause() string {
 	}
 }
 
+// maxParams is the most bound parameters one statement may carry.
+func (d *dialect) maxParams() int {
+	if d.kind == kindSQLite {
+		// SQLite allows 32766, but the pure-Go driver binds parameters in
+		// quadratic time: short statements are much faster.
+		return 999
+	}
+	return 65535 // Postgres and MySQL: a 16-bit count
+}
+
 // beginWrite makes a transaction take the database's write lock first. On
 // SQLite a transaction that reads and then writes fails at once with
 // SQLITE_BUSY_SNAPSHOT when another connection committed in between; taking
