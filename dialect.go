@@ -119,6 +119,20 @@ func (d *dialect) lockClause() string {
 	}
 }
 
+// updateReturning reports whether a claim can be one UPDATE ... RETURNING
+// statement (Postgres; SQLite since 3.35). MySQL and MariaDB cannot return
+// rows from an UPDATE.
+func (d *dialect) updateReturning() bool {
+	switch d.kind {
+	case kindPostgres:
+		return true
+	case kindSQLite:
+		major, minor := parseVersion(d.version)
+		return major > 3 || major == 3 && minor >= 35
+	}
+	return false
+}
+
 // maxParams is the most bound parameters one statement may carry.
 func (d *dialect) maxParams() int {
 	if d.kind == kindSQLite {
