@@ -72,7 +72,7 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string) (string,
 	// A group's final job waits until every other job of its group is done.
 	b.WriteString(" AND (j.group_id IS NULL OR NOT EXISTS (SELECT 1 FROM " + groupTable + " g JOIN " + jobTable +
 		" o ON o.group_id = g.id WHERE g.id = j.group_id AND g.final_id = j.id AND o.id <> j.id AND " + pending("o") + "))")
-	b.WriteString(" ORDER BY j.priority DESC, CASE WHEN j.scheduled IS NULL THEN 1 ELSE 0 END, j.scheduled, j.id LIMIT ?")
+	b.WriteString(" ORDER BY " + p.dialect.claimOrder() + " LIMIT ?")
 	args = append(args, f.limit)
 	b.WriteString(p.dialect.lockClause())
 	return b.String(), args
@@ -92,7 +92,17 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 			// SKIP LOCKED) RETURNING *.
 			sel, args := p.claimQuery(f, now, "j.id")
 			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" + sel + ") RETURNING *"
-			return p.session(ctx).Raw(q, append([]any{f.owner, lease}, args...)...).Scan(&jobs).Error
+			args = append([]any{f.owner, lease}, args...)
+			lazy := p.dialect.lazyCommit()
+			if lazy == "" {
+				return p.session(ctx).Raw(q, args...).Scan(&jobs).Error
+			}
+			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
+				if err := tx.Exec(lazy).Error; err != nil {
+					return err
+				}
+				return tx.Raw(q, args...).Scan(&jobs).Error
+			})
 		}
 		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
 			if err := p.dialect.beginWrite(tx); err != nil {

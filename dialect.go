@@ -133,6 +133,28 @@ func (d *dialect) updateReturning() bool {
 	return false
 }
 
+// claimOrder is the run order: priority, then due scheduled jobs by
+// (scheduled, id), then unscheduled jobs by id. Postgres sorts NULLs last in
+// ascending order; the others sort them first, hence the IS NULL term.
+func (d *dialect) claimOrder() string {
+	if d.kind == kindPostgres {
+		return "j.priority DESC, j.scheduled, j.id"
+	}
+	return "j.priority DESC, j.scheduled IS NULL, j.scheduled, j.id"
+}
+
+// lazyCommit, run first in a transaction, lets its commit return before its
+// WAL is flushed to disk. Claims use it on Postgres: a claim lost in a server
+// crash only makes its jobs claimable again, and the durable commit of any
+// later job flushes the claims before it. MySQL has no per-transaction
+// equivalent.
+func (d *dialect) lazyCommit() string {
+	if d.kind == kindPostgres {
+		return "SET LOCAL synchronous_commit = off"
+	}
+	return ""
+}
+
 // maxParams is the most bound parameters one statement may carry.
 func (d *dialect) maxParams() int {
 	if d.kind == kindSQLite {
@@ -177,11 +199,12 @@ func (d *dialect) migrateExtras(db *gorm.DB) error {
 BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 			`DROP TRIGGER IF EXISTS async_job_notify ON async_job`,
 			`CREATE TRIGGER async_job_notify AFTER INSERT ON async_job FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()`,
-			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
+			// Matches claimOrder, so a claim reads pending jobs in order and stops at its LIMIT.
+			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
 	case kindSQLite:
 		stmts = []string{
-			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
+			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
 	}
 	for _, s := range stmts {

@@ -16,7 +16,10 @@ type WorkerOptions struct {
 	// Concurrency is how many jobs run at once. Default: 10, lowered to fit
 	// the pool (MaxOpenConns minus the connections the worker keeps for
 	// itself: one for claims and bookkeeping, and on Postgres one that
-	// listens for notifications). On SQLite jobs still run one at a time,
+	// listens for notifications). NewWorker sets the pool's idle limit
+	// (SetMaxIdleConns) to what the worker needs, since database/sql's
+	// default of 2 would reopen a connection for nearly every job; set it
+	// again after NewWorker to keep more. On SQLite jobs still run one at a time,
 	// because the database has a single writer.
 	Concurrency int
 	// Queues are the queues served. Default: ["default"].
@@ -81,7 +84,8 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 		reserved++
 	}
 	maxOpen := 0
-	if sqlDB, err := db.DB(); err == nil {
+	sqlDB, err := db.DB()
+	if err == nil {
 		maxOpen = sqlDB.Stats().MaxOpenConnections
 	}
 	switch {
@@ -93,6 +97,11 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 	if o.Concurrency < 1 || maxOpen > 0 && o.Concurrency+reserved > maxOpen {
 		return nil, errorf(ErrPoolTooSmall, "concurrency %d needs %d connections but the pool allows %d (raise SetMaxOpenConns or lower Concurrency)",
 			o.Concurrency, o.Concurrency+reserved, maxOpen)
+	}
+	if sqlDB != nil {
+		// database/sql keeps 2 idle connections by default: a busy worker
+		// would close and reopen a connection for nearly every job.
+		sqlDB.SetMaxIdleConns(o.Concurrency + reserved)
 	}
 	if len(o.Queues) == 0 {
 		o.Queues = []string{DefaultQueue}
@@ -194,6 +203,15 @@ func (w *Worker) Run(ctx context.Context) error {
 			more = true
 		case <-timer.C:
 			more = true
+		}
+		// Take every slot freed meanwhile, so that one claim fills them all.
+		for drained := false; !drained; {
+			select {
+			case <-done:
+				running--
+			default:
+				drained = true
+			}
 		}
 	}
 
