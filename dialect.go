@@ -143,6 +143,15 @@ func (d *dialect) claimOrder() string {
 	return "j.priority DESC, j.scheduled IS NULL, j.scheduled, j.id"
 }
 
+// timeParam is a bound time parameter where the statement gives it no type
+// (a CASE branch): Postgres must be told.
+func (d *dialect) timeParam() string {
+	if d.kind == kindPostgres {
+		return "CAST(? AS TIMESTAMPTZ)"
+	}
+	return "?"
+}
+
 // lazyCommit, run first in a transaction, lets its commit return before its
 // WAL is flushed to disk. Claims use it on Postgres: a claim lost in a server
 // crash only makes its jobs claimable again, and the durable commit of any

@@ -45,7 +45,11 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 				p.releaseUnstarted(context.WithoutCancel(ctx), jobs[next:])
 				break
 			}
-			next = p.runTx(ctx, jobs, infos, next, o)
+			if len(jobs)-next > 1 {
+				next = p.runOptimistic(ctx, jobs, infos, next, o)
+			} else {
+				next = p.runTx(ctx, jobs, infos, next, o)
+			}
 		}
 		return nil
 	})

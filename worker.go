@@ -40,13 +40,15 @@ type WorkerOptions struct {
 	// long it runs. Default: DefaultLease (1 minute).
 	Lease time.Duration
 	// BatchSize is group commit: up to this many claimed jobs run one after
-	// another in one transaction, each in its own savepoint, so each job's
-	// writes still commit atomically with its completion and a failing job
-	// rolls back only itself. It multiplies throughput where commits are the
-	// bottleneck; the cost is that a job's completion becomes visible only
-	// when its batch commits, and a database error that breaks the shared
-	// transaction sends the batch's other jobs back to run again. Default: 1
-	// (strict mode: one transaction per job).
+	// another in one transaction and commit together, each job's writes still
+	// atomic with its completion; a failing job is recorded alone and the
+	// others of its batch run again, each in its own savepoint. It multiplies
+	// throughput where commits are the bottleneck. Costs: completion is
+	// visible only at the batch's commit; tasks before a failing one run
+	// twice; a batch's rows are not locked while it runs, so a task longer
+	// than Lease may be started again elsewhere (its effects still commit at
+	// most once). See the README. Default: 1 (strict mode: one transaction
+	// per job, the job's row locked while it runs).
 	BatchSize int
 	// BatchWindow bounds a batch by time: once its transaction has been open
 	// this long, it commits and the batch's unstarted jobs go back to the
