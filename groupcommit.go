@@ -26,6 +26,10 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	if tx.Error != nil {
 		return p.runTx(ctx, jobs, infos, first, o)
 	}
+	if err := p.dialect.beginWrite(tx); err != nil {
+		tx.Rollback()
+		return p.runTx(ctx, jobs, infos, first, o)
+	}
 	win := p.batchWindow(bg, jobs, first, o.window)
 	defer win.stop()
 	// careful reruns jobs[first:upto] with a savepoint each, then says where
