@@ -211,3 +211,17 @@ func likePrefix(prefix string) string {
 }
 
 const likeEscape = " ESCAPE '!'"
+
+// secondsBetween is an SQL expression for the seconds from the time column
+// (or expression) from to the time to, whole days included, as a float.
+// SQLite's julianday keeps about a millisecond of precision.
+func (d *dialect) secondsBetween(from, to string) string {
+	switch d.kind {
+	case kindPostgres:
+		return "CAST(EXTRACT(EPOCH FROM (" + to + " - " + from + ")) AS DOUBLE PRECISION)"
+	case kindMySQL:
+		return "(TIMESTAMPDIFF(MICROSECOND, " + from + ", " + to + ") / 1000000.0)"
+	default:
+		return "((julianday(" + to + ") - julianday(" + from + ")) * 86400.0)"
+	}
+}

@@ -25,6 +25,10 @@ func freezeClock(d *testDB) time.Time {
 	return d.DB.Config.NowFunc()
 }
 
+// frozenNow is the plugin's current time after freezeClock (d.Clock.Now
+// still reads the real clock).
+func frozenNow(d *testDB) time.Time { return d.DB.Config.NowFunc().UTC() }
+
 // plugin returns the plugin installed on d, so a test can set its fields
 // (before anything runs).
 func plugin(t testing.TB, d *testDB) *async.Plugin {
@@ -111,9 +115,23 @@ func parityKw(ctx context.Context, tx *gorm.DB, log string, kw async.Kwargs) err
 
 var parityKwName string
 
+var tickClocks sync.Map // key -> *testClock
+
+// parityTick advances the test clock registered under key by seconds: a
+// task that "takes" that long on the test clock.
+func parityTick(ctx context.Context, tx *gorm.DB, key string, seconds int) error {
+	v, ok := tickClocks.Load(key)
+	if !ok {
+		return errors.New("no clock " + key)
+	}
+	v.(*testClock).Advance(time.Duration(seconds) * time.Second)
+	return nil
+}
+
 func init() {
 	parityKwName = async.MustRegister(parityKw)
 	async.MustRegister(parityRecord)
+	async.MustRegister(parityTick)
 	async.MustRegister(parityFail)
 	async.MustRegister(parityBlock)
 }
