@@ -77,7 +77,7 @@ func (p *Plugin) identityJob(task any, opts []Option) (*newJobRow, error) {
 // rows are not locked by a running job, and returns how many it changed.
 func (p *Plugin) cancelIdentity(db *gorm.DB, identity string) (int64, error) {
 	var ids []int64
-	err := db.Raw("SELECT id FROM "+jobTable+" WHERE identity = ? AND "+pending(jobTable)+" ORDER BY id", identity).
+	err := db.Raw("SELECT id FROM "+jobTable+" WHERE identity = ? AND "+pending(jobTable)+" ORDER BY id"+p.dialect.lockClause(), identity).
 		Scan(&ids).Error
 	if err != nil {
 		return 0, err

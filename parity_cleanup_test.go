@@ -26,7 +26,7 @@ func exists(t testing.TB, d *testDB, id int64) bool {
 // reschedules itself after hours.
 func TestRemoveOldJobsCutoffsGroupsAndRescheduling(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		// At t0: one job of each done state, plus pending ones.
 		eOld := mustSchedule(t, d.DB, parityRecord, async.Args(log, "eOld"))
@@ -101,7 +101,7 @@ func TestRemoveOldJobsCutoffsGroupsAndRescheduling(t *testing.T) {
 // arguments fail the job at once.
 func TestRemoveOldJobsIsTransactional(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		old := mustSchedule(t, d.DB, parityRecord, async.Args(log, "old"))
 		require.NoError(t, old.Execute(d.DB))

@@ -24,7 +24,7 @@ func run(d *testDB, args ...string) (int, string, string) {
 // status: non-zero when it stopped at a failing job.
 func TestRunCommandFlushQueue(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		var jobs []*async.Job
 		for i := 0; i < 4; i++ {
 			jobs = append(jobs, mustSchedule(t, d.DB, parityRecord, async.Args(log, fmt.Sprint(i))))
@@ -72,7 +72,7 @@ func TestRunCommandFlushQueue(t *testing.T) {
 // message and exits 0.
 func TestRunCommandFlushQueueBusy(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "held"))
 		g := newGate(log)
 		codes := make(chan int, 1)
@@ -95,7 +95,7 @@ func TestRunCommandFlushQueueBusy(t *testing.T) {
 // a usage error.
 func TestRunCommandQueueHealth(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		mustSchedule(t, d.DB, parityRecord, async.Args(t.Name(), "x"))
+		mustSchedule(t, d.DB, parityRecord, async.Args(freshLog(t), "x"))
 		algorithm := func(args ...string) string {
 			code, out, errOut := run(d, append([]string{"queue_health"}, args...)...)
 			require.Equal(t, 0, code, errOut)

@@ -17,7 +17,7 @@ import (
 // never runs them; jobs already done keep their state.
 func TestDescheduleCancelsPendingJobsOfIdentity(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		a1 := mustSchedule(t, d.DB, parityRecord, async.Args(log, "a"))
 		a2 := mustSchedule(t, d.DB, parityRecord, async.Args(log, "a"), async.Priority(9), async.RunAfter(d.Clock.Now().Add(-time.Hour)))
 		b := mustSchedule(t, d.DB, parityRecord, async.Args(log, "b"))
@@ -64,7 +64,7 @@ func TestDescheduleCancelsPendingJobsOfIdentity(t *testing.T) {
 // order of keyword arguments (and of keys in nested objects) does not matter.
 func TestDescheduleIdentityIgnoresKwargsOrderAndOtherOptions(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		nested := map[string]any{"y": 1, "x": []any{1, "two"}}
 		j1 := mustSchedule(t, d.DB, parityKw, async.Args(log), async.WithKwargs(async.Kwargs{"b": 2, "a": nested}))
 		j2 := mustSchedule(t, d.DB, parityKw, async.Args(log), async.WithKwargs(async.Kwargs{"a": map[string]any{"x": []any{1, "two"}, "y": 1}}),
@@ -98,7 +98,7 @@ func TestDescheduleIdentityIgnoresKwargsOrderAndOtherOptions(t *testing.T) {
 // Point 1: Deschedule runs in the caller's transaction.
 func TestDescheduleIsTransactional(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "x"))
 		errRollback := errors.New("rollback")
 		err := d.DB.Transaction(func(tx *gorm.DB) error {
@@ -134,7 +134,7 @@ func TestDescheduleIsTransactional(t *testing.T) {
 // on SQLite, a single writer, Deschedule waits for the run to end.
 func TestDescheduleDoesNotWaitForRunningJob(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		key := t.Name()
+		key := freshLog(t)
 		g := newGate(key)
 		running := mustSchedule(t, d.DB, parityBlock, async.Args(key))
 		queued := mustSchedule(t, d.DB, parityBlock, async.Args(key))

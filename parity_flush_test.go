@@ -43,7 +43,7 @@ func sorted(s []string) []string {
 // Point 5: --which/--outof partition by job id; which is taken modulo outof.
 func TestFlushQueuePartitionsByID(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		var odd, even []string
 		for i := 0; i < 6; i++ {
 			l := fmt.Sprint("j", i)
@@ -70,7 +70,7 @@ func TestFlushQueuePartitionsByID(t *testing.T) {
 // GLOB's * and [) are not wildcards, nor is the escape character.
 func TestFlushQueueFilterIsLiteralPrefix(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		for _, name := range []string{"a_b.x", "axb.x", "a%b.x", "a!b.x", "a*b.x", "a[b.x"} {
 			mustSchedule(t, d.DB, name, async.Args(log, name))
 		}
@@ -91,7 +91,7 @@ func TestFlushQueueFilterIsLiteralPrefix(t *testing.T) {
 // Point 5: --jobs limits a run; zero means 300.
 func TestFlushQueueJobsLimit(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		for i := 0; i < 5; i++ {
 			mustSchedule(t, d.DB, parityRecord, async.Args(log, fmt.Sprint(i)))
 		}
@@ -131,7 +131,7 @@ func (b *blockingWriter) Write(p []byte) (int, error) {
 // and its task, by its Out writer.
 func TestFlushQueuePartitionBusy(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		key := t.Name()
+		key := freshLog(t)
 		g := newGate(key)
 		opts := async.FlushOptions{OutOf: 2, Jobs: 1}
 		var held *async.Job

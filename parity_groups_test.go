@@ -22,7 +22,7 @@ func groupOf(t testing.TB, d *testDB, id int64) *async.Group {
 // with the same reference and description.
 func TestGroupGenerations(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		desc := "nightly import"
 		// An application may create the group itself, with a description.
 		first := async.Group{Reference: "import", Description: &desc, Created: d.Clock.Now().UTC()}
@@ -78,7 +78,7 @@ func TestGroupGenerations(t *testing.T) {
 // same FlushQueue, ahead of lower priorities.
 func TestOnCompletionFinalJobRunsLast(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		final, err := async.OnCompletion(d.DB, "batch", parityRecord, async.Args(log, "final"), async.Priority(10))
 		require.NoError(t, err)
 		require.NotNil(t, final.GroupID)
@@ -101,7 +101,7 @@ func TestOnCompletionFinalJobRunsLast(t *testing.T) {
 // and runs once they are all executed, cancelled or failed.
 func TestOnCompletionWaitsForExecutedCancelledOrFailed(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		now := freezeClock(d)
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "ok"), async.InGroup("g"))
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "cancel-me"), async.InGroup("g"))
@@ -133,7 +133,7 @@ func TestOnCompletionWaitsForExecutedCancelledOrFailed(t *testing.T) {
 // Point 2: a group whose only job is its final job runs it.
 func TestOnCompletionAloneRuns(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		final, err := async.OnCompletion(d.DB, "solo", parityRecord, async.Args(log, "final"))
 		require.NoError(t, err)
 		assert.Equal(t, 1, flush(t, d, async.FlushOptions{}))

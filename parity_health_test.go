@@ -38,7 +38,7 @@ func set(t testing.TB, d *testDB, id int64, cols map[string]any) {
 // per-name details, links, failed jobs and error count.
 func TestHealthCountsDetailsAndLinks(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		empty := health(t, d)
 		assert.Zero(t, empty.Queue.AllJobs)
@@ -126,7 +126,7 @@ func TestHealthCountsDetailsAndLinks(t *testing.T) {
 // final jobs waiting for their group do not count.
 func TestHealthOldestDueAge(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		t0 := freezeClock(d)
 		_, err := async.OnCompletion(d.DB, "g", parityRecord, async.Args(log, "final"))
 		require.NoError(t, err)
@@ -162,7 +162,7 @@ func TestHealthOldestDueAge(t *testing.T) {
 // start time are ignored instead of crashing; negative waits count as zero.
 func TestHealthRoughEstimate(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		key := t.Name()
+		key := freshLog(t)
 		t0 := freezeClock(d)
 		tickClocks.Store(key, d.Clock)
 		// Outside the one-day window: a long run two days ago.
@@ -205,7 +205,7 @@ func TestHealthRoughEstimate(t *testing.T) {
 // task.
 func TestHealthPreciseEstimate(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		key := t.Name()
+		key := freshLog(t)
 		t0 := freezeClock(d)
 		tickClocks.Store(key, d.Clock)
 		// An open group, one of four jobs done after two days.
@@ -260,7 +260,7 @@ func TestHealthPreciseEstimate(t *testing.T) {
 // and the HTTP handler takes ?algorithm=.
 func TestHealthAlgorithmOptionAndHandler(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		key := t.Name()
+		key := freshLog(t)
 		freezeClock(d)
 		tickClocks.Store(key, d.Clock)
 		_, err := async.Health(d.DB, async.Algorithm("exact"))

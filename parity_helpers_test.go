@@ -44,6 +44,15 @@ var runLog = struct {
 	m map[string][]string
 }{m: map[string][]string{}}
 
+// freshLog returns the test's name as a run log (and gate) key, with its run
+// log emptied, so that tests can run again in one process (-count).
+func freshLog(t testing.TB) string {
+	runLog.Lock()
+	defer runLog.Unlock()
+	delete(runLog.m, t.Name())
+	return t.Name()
+}
+
 func logged(name string) []string {
 	runLog.Lock()
 	defer runLog.Unlock()

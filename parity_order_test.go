@@ -14,7 +14,7 @@ import (
 // (scheduled, id), and unscheduled ones by id; future jobs do not run.
 func TestFlushQueueRunOrder(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		now := freezeClock(d)
 		sched := func(label string, prio int, at *time.Time) *async.Job {
 			opts := []async.Option{async.Args(log, label), async.Priority(prio)}

@@ -24,7 +24,7 @@ func progress(t testing.TB, d *testDB, ref string) *async.Progress {
 // errors, and estimates its times with whole days.
 func TestGroupProgressCountsAndEstimates(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		_, err := async.GroupProgress(d.DB, "report")
 		require.ErrorIs(t, err, async.ErrGroupNotFound)
 
@@ -88,7 +88,7 @@ func TestGroupProgressCountsAndEstimates(t *testing.T) {
 // report without crashing.
 func TestGroupProgressAllCancelledAndEmpty(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "a"), async.InGroup("void"))
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "b"), async.InGroup("void"))
@@ -119,7 +119,7 @@ func TestGroupProgressAllCancelledAndEmpty(t *testing.T) {
 // from the path's last segment or ?reference=; unknown is a 404.
 func TestGroupProgressHandler(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "1"), async.InGroup("daily/eu"))
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "2"), async.InGroup("daily/eu"))

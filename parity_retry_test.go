@@ -47,7 +47,7 @@ func failAndCheck(t *testing.T, d *testDB, id int64, filter string, delay time.D
 // lowers the priority by one each time.
 func TestRetryDefaultPolicy(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		j := mustSchedule(t, d.DB, parityFail, async.Args(log, "x"), async.MaxAttempts(0))
 		for n := 1; n <= 5; n++ {
@@ -67,7 +67,7 @@ func TestRetryDefaultPolicy(t *testing.T) {
 // WithRetryPolicy wins over the plugin's.
 func TestRetryPluginAndTaskPolicies(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
-		log := t.Name()
+		log := freshLog(t)
 		freezeClock(d)
 		plugin(t, d).RetryPolicy = func(job *async.Job, failures int) (time.Duration, int) {
 			return time.Duration(failures) * time.Hour, job.Priority + 10
