@@ -19,9 +19,10 @@ import (
 // reference: its row is locked by its own transaction, and Deschedule skips
 // it rather than wait for it (FOR UPDATE SKIP LOCKED), so it completes
 // normally. On a server without SKIP LOCKED, and on SQLite (one writer at a
-// time), Deschedule waits until such a run has ended instead; the run's job
-// is then no longer pending and is not cancelled either. A job claimed but
-// not yet started is cancelled, and its run is skipped.
+// time), Deschedule waits until such a run has ended instead, and cancels
+// the job only if it is still pending then (its run failed and it waits for
+// a retry). A job claimed but not yet started is cancelled, and its run is
+// skipped.
 func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
@@ -29,7 +30,7 @@ func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 	}
 	job, err := p.identityJob(task, opts)
 	if err != nil {
-		return 0, fmt.Errorf("async: deschedule: %w", err)
+		return 0, err // already "async: ..." and wrapping its sentinel, as from Schedule
 	}
 	if tx.Error != nil {
 		return 0, fmt.Errorf("async: deschedule %s: the handle already carries an error: %w", job.String(), tx.Error)

@@ -177,3 +177,36 @@ func TestDescheduleDoesNotWaitForRunningJob(t *testing.T) {
 		assert.NotNil(t, jobState(t, d, queued.ID).Cancelled)
 	})
 }
+
+// Point 1: a job claimed by FlushQueue but not yet started is cancelled, and
+// its run is skipped.
+func TestDescheduleClaimedJobIsNotRun(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		g := newGate(log)
+		j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "claimed"))
+		type result struct {
+			n   int
+			err error
+		}
+		flushed := make(chan result, 1)
+		go func() {
+			// The Out line is written after the claim, before the run.
+			n, err := async.FlushQueue(d.DB, async.FlushOptions{Out: &blockingWriter{g: g}})
+			flushed <- result{n, err}
+		}()
+		waitStarted(t, g)
+		assert.NotEmpty(t, jobState(t, d, j.ID).LockedBy, "the job is claimed")
+		n, err := async.Deschedule(d.DB, parityRecord, async.Args(log, "claimed"))
+		require.NoError(t, err)
+		assert.EqualValues(t, 1, n)
+		close(g.release)
+		r := <-flushed
+		require.NoError(t, r.err)
+		assert.Zero(t, r.n)
+		assert.Empty(t, logged(log), "a cancelled job does not run")
+		got := jobState(t, d, j.ID)
+		assert.NotNil(t, got.Cancelled)
+		assert.Nil(t, got.Executed)
+	})
+}
