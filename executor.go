@@ -115,23 +115,13 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if err := tx.SavePoint(sp).Error; err != nil {
 			return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 		}
-		taskCtx, cancel := ctx, context.CancelFunc(func() {})
-		if o.timeout > 0 {
-			taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
-		}
-		t := lookupTask(job.Name)
-		result, err, stack := p.invoke(taskCtx, tx, job, t)
-		timedOut := o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded)
-		cancel()
+		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.Rollback()
 			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
 			p.releaseUnstarted(bg, jobs[k+1:])
 			return len(jobs)
-		}
-		if timedOut {
-			err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
 		}
 		if err == nil {
 			done := p.now()
@@ -241,6 +231,22 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 		return OutcomeRetry, err
 	}
 	return outcome, err
+}
+
+// callTask runs the job's task under the per-job timeout; running out of
+// time is an error wrapping ErrTimeout.
+func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
+	taskCtx, cancel := ctx, context.CancelFunc(func() {})
+	if timeout > 0 {
+		taskCtx, cancel = context.WithTimeout(ctx, timeout)
+	}
+	defer cancel()
+	t = lookupTask(job.Name)
+	result, err, stack = p.invoke(taskCtx, tx, job, t)
+	if timeout > 0 && ctx.Err() == nil && errors.Is(taskCtx.Err(), context.DeadlineExceeded) {
+		err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, timeout, err)
+	}
+	return t, result, err, stack
 }
 
 // invoke calls the task, turning a panic into an error with its stack.
