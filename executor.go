@@ -200,12 +200,16 @@ func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, st
 }
 
 // release gives an interrupted job back: lease cleared, attempt uncounted.
+// Idle workers of this process are woken, so that one of them takes the job
+// at once instead of at its next poll.
 func (p *Plugin) release(ctx context.Context, job *Job) {
 	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
 		job.ID, job.LockedBy, job.Attempts).Error
 	if err != nil {
 		p.Logger.Error("async: releasing interrupted job; it runs again when its lease expires", "job", job.ID, "error", err)
+		return
 	}
+	p.wakers.broadcast()
 }
 
 func exceptionText(err error) string {
