@@ -2,6 +2,8 @@ package async_test
 
 import (
 	"context"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,6 +40,30 @@ func (r *runRecorder) next(t testing.TB, id int64) async.RunInfo {
 			return info
 		}
 	}
+}
+
+// asyncGoroutines returns the stacks of the goroutines that are running code
+// of package async (not async_test) right now.
+func asyncGoroutines() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		for _, line := range strings.Split(g, "\n") {
+			if strings.HasPrefix(line, "github.com/gormasync/async.") {
+				out = append(out, g)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // Point 5: JobTimeout cancels the task's context, rolls its writes back and
@@ -110,6 +136,7 @@ func TestWorkerGracefulShutdown(t *testing.T) {
 				cancel()
 				whileStopping()
 				require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+				assert.Empty(t, asyncGoroutines(), "goroutines running the worker's code after Run returned")
 				goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/go-sql-driver/mysql.(*mysqlConn).startWatcher.func1"))
 			}
 			var late *async.Job
@@ -191,5 +218,31 @@ func TestWorkerShutdownHandsInterruptedJobToRunningWorker(t *testing.T) {
 		assert.EqualValues(t, 2, runCount(key))
 		assert.EqualValues(t, 1, effects(t, d.DB, key))
 		waitJob(t, d.DB, probe.ID, time.Minute, "probe executed", executed)
+	})
+}
+
+// Point 6: an idle worker (on Postgres, listening) stops at once when
+// cancelled, and leaves no goroutine behind.
+func TestIdleWorkerStopsWithoutLeaks(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		sentinel := scheduleCtl(t, d.DB, newKey(t, "sentinel"))
+		w, err := async.NewWorker(d.DB, async.WorkerOptions{PollInterval: time.Hour})
+		require.NoError(t, err)
+		ignore := goleak.IgnoreCurrent()
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- w.Run(ctx) }()
+		waitJob(t, d.DB, sentinel.ID, time.Minute, "the sentinel executed", executed)
+		if d.Kind == "postgres" {
+			waitFor(t, time.Minute, "the worker to LISTEN", func() bool {
+				return count(t, d.DB, "pg_stat_activity", "datname = current_database() AND state = 'idle' AND query = ?", "LISTEN async_job") == 1
+			})
+		}
+		require.NotEmpty(t, asyncGoroutines(), "the running worker's goroutines are seen")
+		cancel()
+		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+		assert.Empty(t, asyncGoroutines(), "goroutines running the worker's code after Run returned")
+		goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/go-sql-driver/mysql.(*mysqlConn).startWatcher.func1"))
 	})
 }
