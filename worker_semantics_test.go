@@ -28,8 +28,10 @@ func gatedRuns(started chan<- int64, release <-chan struct{}, fail func(run int6
 	}
 }
 
-// noStart fails the test if a run starts before probe (a job scheduled now)
-// has been executed: the worker has claimed since, and did not take the job.
+// noStart schedules a probe job of the lowest priority and waits for it to
+// be executed: the worker has claimed since, and, having one slot, would
+// have taken (and blocked in) any runnable job first. It fails the test if
+// a run was reported on started meanwhile.
 func noStart(t *testing.T, d *testDB, started <-chan int64, why string) {
 	t.Helper()
 	probe := scheduleCtl(t, d.DB, newKey(t, "probe"), async.Priority(-100))
@@ -57,7 +59,9 @@ func TestWorkerCountsAttemptsAndFailsExhaustedJobs(t *testing.T) {
 			return nil
 		}))
 		job := scheduleCtl(t, d.DB, key, async.MaxAttempts(2))
-		startWorker(t, d.DB, async.WorkerOptions{ID: "attempts-worker", Concurrency: 2, PollInterval: 20 * time.Millisecond})
+		// One slot: a claim takes the highest priority job first, so a failed
+		// job wrongly claimed would block the probe of noStart.
+		startWorker(t, d.DB, async.WorkerOptions{ID: "attempts-worker", Concurrency: 1, PollInterval: 20 * time.Millisecond})
 
 		for attempt := 1; attempt <= 2; attempt++ {
 			recv(t, started, time.Minute, "a run to start")
@@ -113,7 +117,7 @@ func TestWorkerPermanentErrorFailsJobAtOnce(t *testing.T) {
 			return nil
 		}))
 		job := scheduleCtl(t, d.DB, key)
-		startWorker(t, d.DB, async.WorkerOptions{PollInterval: 20 * time.Millisecond})
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
 		recv(t, started, time.Minute, "the run to start")
 		release <- struct{}{}
 		got := waitJob(t, d.DB, job.ID, time.Minute, "failed", func(j *async.Job) bool { return j.Failed != nil })
