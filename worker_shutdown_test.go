@@ -135,7 +135,12 @@ func TestWorkerGracefulShutdown(t *testing.T) {
 			finStarted, finRelease := make(chan int64, 10), make(chan struct{})
 			on(t, finKey, blockUntil(finStarted, finRelease))
 			stubStarted := make(chan int64, 10)
-			on(t, stubKey, blockUntil(stubStarted, nil))
+			on(t, stubKey, func(ctx context.Context, run int64) error {
+				stubStarted <- run
+				<-ctx.Done()
+				time.Sleep(300 * time.Millisecond) // a slow clean-up: Run must wait for it
+				return ctx.Err()
+			})
 			fin := scheduleCtl(t, d.DB, finKey, async.Priority(9))
 			stub := scheduleCtl(t, d.DB, stubKey, async.Priority(8))
 
