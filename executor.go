@@ -45,6 +45,13 @@ func (p *Plugin) run(ctx context.Context, job *Job, o runOptions) RunInfo {
 
 func (p *Plugin) runTx(ctx context.Context, job *Job, o runOptions) (Outcome, error, string) {
 	bg := context.WithoutCancel(ctx)
+	if ctx.Err() != nil {
+		// Interrupted before it started (on SQLite a claimed job may wait
+		// for the writer lock until after a shutdown timeout): give the job
+		// back without running its task.
+		p.release(bg, job)
+		return OutcomeInterrupted, context.Cause(ctx), ""
+	}
 	tx := p.session(bg).Begin()
 	if tx.Error != nil {
 		return p.afterBrokenTx(bg, job, nil, fmt.Errorf("async: beginning job transaction: %w", tx.Error), "")

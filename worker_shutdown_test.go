@@ -271,3 +271,43 @@ func TestIdleWorkerStopsWithoutLeaks(t *testing.T) {
 		goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/go-sql-driver/mysql.(*mysqlConn).startWatcher.func1"))
 	})
 }
+
+// Point 6: a job claimed but not started when the shutdown timeout ends (on
+// SQLite, queued behind the one writer) is given back without running its
+// task: no task starts after the worker's deadline.
+func TestWorkerDoesNotStartJobsAfterShutdownTimeout(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		keys := []string{newKey(t, "a"), newKey(t, "b")}
+		started := make(chan int64, 10)
+		var jobs []*async.Job
+		for _, k := range keys {
+			on(t, k, blockUntil(started, nil)) // both run until cancelled
+			jobs = append(jobs, scheduleCtl(t, d.DB, k))
+		}
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, Lease: time.Hour,
+			PollInterval: 20 * time.Millisecond, ShutdownTimeout: 200 * time.Millisecond})
+		recv(t, started, time.Minute, "a job to start")
+		running := 1
+		if d.Kind != "sqlite" {
+			recv(t, started, time.Minute, "the other job to start")
+			running = 2
+		}
+		// On SQLite the other job is claimed and waits for the writer lock,
+		// which the running job keeps until the shutdown timeout ends.
+		stop()
+		var runs int64
+		for _, k := range keys {
+			runs += runCount(k)
+		}
+		assert.EqualValues(t, running, runs, "a task started after the shutdown timeout")
+		for _, j := range jobs {
+			got := getJob(t, d.DB, j.ID)
+			assert.True(t, got.Pending())
+			assert.Zero(t, got.Attempts, "job %d is given back", j.ID)
+			assert.Empty(t, got.LockedBy)
+			assert.Nil(t, got.LockedUntil)
+		}
+		assert.Zero(t, count(t, d.DB, "effects", ""))
+	})
+}
