@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
 
 	"github.com/gormasync/async"
 )
@@ -201,5 +202,70 @@ func TestWorkerRespectsPriorityRunAfterAndQueues(t *testing.T) {
 
 		startWorker(t, d.DB, async.WorkerOptions{Queues: []string{"other"}, PollInterval: 20 * time.Millisecond})
 		waitJob(t, d.DB, other.ID, time.Minute, "executed by the worker of queue other", executed)
+	})
+}
+
+// Point 8: a slow job (blocked in its task, its transaction open) does not
+// block Schedule in other transactions nor other workers' claims. On
+// MariaDB the claims run at READ COMMITTED, so they take no gap locks that
+// would stop inserts. SQLite has one writer: there Schedule waits for the
+// slow job's transaction (busy_timeout) and then succeeds, and the new jobs
+// run after it.
+func TestSlowJobDoesNotBlockScheduleOrOtherWorkers(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		slow := newKey(t, "slow")
+		started, release := make(chan int64, 10), make(chan struct{})
+		on(t, slow, blockUntil(started, release))
+		slowJob := scheduleCtl(t, d.DB, slow, async.Priority(10))
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+		recv(t, started, time.Minute, "the slow job to start")
+
+		// Schedule from other transactions: autocommit, an explicit
+		// transaction, and a model hook inside GORM's create transaction.
+		done := make(chan error, 1)
+		go func() {
+			done <- func() error {
+				if _, err := async.Schedule(d.DB, ctlTask, async.Args(newKey(t, "autocommit"))); err != nil {
+					return err
+				}
+				err := d.DB.Transaction(func(tx *gorm.DB) error {
+					for i := 0; i < 2; i++ {
+						if _, err := async.Schedule(tx, ctlTask, async.Args(newKey(t, "in-tx"))); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+				return d.DB.Create(&Order{Item: "parcel"}).Error
+			}()
+		}()
+		const newJobs = 4
+		newDone := func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL AND id <> ?", slowJob.ID) == newJobs
+		}
+		if d.Kind == "sqlite" {
+			// There is no signal for "Schedule is waiting for the lock":
+			// give it a moment to be blocked before the slow job ends.
+			time.Sleep(200 * time.Millisecond)
+			close(release)
+			require.NoError(t, recv(t, done, time.Minute, "Schedule to succeed once the slow job committed"))
+			waitFor(t, time.Minute, "the new jobs executed", newDone)
+		} else {
+			require.NoError(t, recv(t, done, 30*time.Second, "Schedule while a slow job holds its transaction"))
+			// Another worker (another pool, as in another process) claims
+			// and runs them; the first one has no free slot.
+			startWorker(t, secondHandle(t, d, d.DSN, nil), async.WorkerOptions{Concurrency: 2, PollInterval: 20 * time.Millisecond})
+			waitFor(t, 30*time.Second, "the new jobs executed by the other worker while the slow job runs", newDone)
+			assert.Nil(t, getJob(t, d.DB, slowJob.ID).Executed, "the slow job is still running")
+			close(release)
+		}
+		waitJob(t, d.DB, slowJob.ID, time.Minute, "the slow job executed", executed)
+		assert.EqualValues(t, 1, runCount(slow))
+		assert.Zero(t, count(t, d.DB, "async_error", ""))
+		assert.EqualValues(t, newJobs+1, count(t, d.DB, "effects", ""))
 	})
 }
