@@ -1,3 +1,5 @@
+//go:build unix
+
 package async_test
 
 import (

@@ -1,3 +1,5 @@
+//go:build unix
+
 package async_test
 
 import (
@@ -263,5 +265,36 @@ func TestWorkerProcessesRunEachJobExactlyOnce(t *testing.T) {
 		assert.Zero(t, count(t, d.DB, "async_error", ""))
 		assert.Zero(t, count(t, d.DB, "async_job", "attempts <> 1"), "every job ran on its first attempt")
 		t.Logf("runs per process: %v", rl.perProcess())
+	})
+}
+
+// Point 10b: on Postgres a worker polling once an hour picks up a job
+// committed by another process or another *gorm.DB (whose in-process
+// wake-ups do not reach it), through NOTIFY. MariaDB and SQLite have no such
+// signal: there other processes' jobs are found by polling, which this test
+// checks with a short poll interval.
+func TestWorkerWakesOnCommitInAnotherProcess(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		poll := time.Hour
+		if d.Kind != "postgres" {
+			poll = 100 * time.Millisecond
+		}
+		idleWorker(t, d, poll)
+		if d.Kind == "postgres" {
+			waitFor(t, time.Minute, "the worker to LISTEN", func() bool {
+				return count(t, d.DB, "pg_stat_activity", "datname = current_database() AND state = 'idle' AND query = ?", "LISTEN async_job") == 1
+			})
+		}
+
+		other := secondHandle(t, d, d.DSN, nil)
+		job := scheduleCtl(t, other, newKey(t, "other-handle"))
+		waitJob(t, d.DB, job.ID, 30*time.Second, "picked up after another handle's commit", executed)
+
+		key := newKey(t, "other-process")
+		h := startHelper(t, d, nil, "schedule", "ASYNC_HELPER_KEY="+key)
+		ws := h.waitExit(time.Minute)
+		require.True(t, ws.Exited() && ws.ExitStatus() == 0, "scheduling helper ended with %v", ws)
+		waitFor(t, 30*time.Second, "the other process's job executed", func() bool { return effects(t, d.DB, key) == 1 })
 	})
 }

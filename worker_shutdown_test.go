@@ -149,7 +149,7 @@ func TestWorkerGracefulShutdown(t *testing.T) {
 			// no goroutine behind.
 			run := func(concurrency int, whileStopping func(), waits ...chan int64) {
 				w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: concurrency, Lease: time.Hour,
-					PollInterval: 20 * time.Millisecond, ShutdownTimeout: 500 * time.Millisecond})
+					PollInterval: 20 * time.Millisecond, ShutdownTimeout: 2 * time.Second})
 				require.NoError(t, err)
 				ignore := goleak.IgnoreCurrent() // the pool and the driver may stay
 				ctx, cancel := context.WithCancel(context.Background())
