@@ -163,6 +163,24 @@ func (c *logCapture) count(s string) int {
 	return n
 }
 
+// attr returns the value of attribute key in each message containing s.
+func (c *logCapture) attr(s, key string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var vals []string
+	for _, m := range c.msgs {
+		if !strings.Contains(m, s) {
+			continue
+		}
+		for _, f := range strings.Fields(m) {
+			if v, ok := strings.CutPrefix(f, key+"="); ok {
+				vals = append(vals, v)
+			}
+		}
+	}
+	return vals
+}
+
 // waitLog waits until at least n messages contain s.
 func (c *logCapture) waitLog(t testing.TB, s string, n int, timeout time.Duration) {
 	t.Helper()

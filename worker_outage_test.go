@@ -213,6 +213,15 @@ func TestWorkerSurvivesDatabaseOutage(t *testing.T) {
 			assert.True(t, getJob(t, d.DB, job.ID).Pending())
 			proxy.restore()
 		}
+		// The claim retries back off: the third waits longer than the first.
+		delays := logs.attr("cannot claim jobs", "in")
+		require.GreaterOrEqual(t, len(delays), 3)
+		first, err := time.ParseDuration(delays[0])
+		require.NoError(t, err)
+		third, err := time.ParseDuration(delays[2])
+		require.NoError(t, err)
+		assert.Greater(t, third, first, "retry delays %v", delays)
+
 		all = append(all, scheduleKeys(t, d.DB, "after", 5)...)
 		waitFor(t, 2*time.Minute, "every job executed after the outage", func() bool {
 			return count(t, d.DB, "async_job", "executed IS NULL") == 0
