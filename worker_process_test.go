@@ -210,6 +210,13 @@ func (h *helperProc) waitExit(timeout time.Duration) syscall.WaitStatus {
 // stop sends SIGTERM (the worker drains gracefully) and requires a clean exit.
 func (h *helperProc) stop() {
 	h.t.Helper()
+	// Before "ready" the helper may not handle SIGTERM yet.
+	select {
+	case <-h.ready:
+	case <-h.exited:
+	case <-time.After(time.Minute):
+		h.t.Fatalf("helper %d never got ready", h.cmd.Process.Pid)
+	}
 	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	ws := h.waitExit(30 * time.Second)
 	require.True(h.t, ws.Exited() && ws.ExitStatus() == 0, "helper %d ended with %v", h.cmd.Process.Pid, ws)
