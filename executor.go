@@ -179,10 +179,7 @@ func (p *Plugin) batchWindow(ctx context.Context, jobs []*Job, first int, d time
 		w.closed = true
 		rest := jobs[w.next:]
 		w.mu.Unlock()
-		if len(rest) > 0 {
-			p.releaseUnstarted(ctx, rest)
-			p.wakers.broadcast()
-		}
+		p.releaseUnstarted(ctx, rest)
 	})
 	return w
 }
@@ -329,14 +326,18 @@ func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
 	}
 }
 
-// release clears a job's lease and uncounts its attempt.
+// release clears a job's lease and uncounts its attempt. Idle workers of
+// this process are woken, so that one of them takes the job at once instead
+// of at its next poll.
 func (p *Plugin) release(ctx context.Context, job *Job) {
 	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
 		job.ID, job.LockedBy, job.Attempts).Error
 	if err != nil {
 		p.Logger.Error("async: releasing job; it runs again when its lease expires", "job", job.ID, "error", err)
+		return
 	}
 	job.Started = nil
+	p.wakers.broadcast()
 }
 
 func exceptionText(err error) string {
