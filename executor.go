@@ -241,7 +241,11 @@ func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout ti
 	t = lookupTask(job.Name)
 	result, err, stack = p.invoke(taskCtx, tx, job, t)
 	if timeout > 0 && ctx.Err() == nil && errors.Is(taskCtx.Err(), context.DeadlineExceeded) {
-		err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, timeout, err)
+		cause := err
+		if cause == nil {
+			cause = context.DeadlineExceeded
+		}
+		err = errorf(ErrTimeout, "job %d ran longer than %s: %w", job.ID, timeout, cause)
 	}
 	return t, result, err, stack
 }

@@ -105,6 +105,7 @@ func TestWorkerJobTimeout(t *testing.T) {
 			assert.Equal(t, async.OutcomeRetry, info.Outcome)
 			require.ErrorIs(t, info.Err, async.ErrTimeout)
 			assert.ErrorContains(t, info.Err, context.DeadlineExceeded.Error(), "the task saw its context end")
+			assert.ErrorIs(t, info.Err, context.DeadlineExceeded, "the task's own error stays in the chain")
 			assert.GreaterOrEqual(t, info.Duration, 300*time.Millisecond)
 
 			got := getJob(t, d.DB, job.ID)
