@@ -25,7 +25,15 @@ type runOptions struct {
 	window  time.Duration // group commit: no new job joins a transaction open longer than this
 }
 
-const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL"
+// stillPending tests a job row found by its id. It is written so that no
+// index on the three columns can serve it: on MySQL under REPEATABLE READ an
+// UPDATE that chose the pending-jobs index would hold next-key locks on it
+// for the whole job, blocking every Schedule.
+const stillPending = "COALESCE(executed, cancelled, failed) IS NULL"
+
+// fenceSQL starts a run: it re-checks the claim and locks the job's row
+// until the job's transaction ends.
+const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
 
 // runJobs executes claimed jobs; it is the one way a job runs. With one job
 // this is the strict mode: one transaction per job (runTx). With several,

@@ -120,7 +120,7 @@ func completeAllSQL(jobs []*Job, starts []time.Time, results []string, done time
 		b.WriteString(" WHEN ? THEN ?")
 		args = append(args, j.ID, results[i])
 	}
-	b.WriteString(" END WHERE locked_by = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL AND (id, attempts) IN (")
+	b.WriteString(" END WHERE locked_by = ? AND " + stillPending + " AND (id, attempts) IN (")
 	args = append(args, jobs[0].LockedBy)
 	for i, j := range jobs {
 		if i > 0 {
