@@ -88,6 +88,16 @@ func (e *env) createRawTable(ctx context.Context) error {
 	return nil
 }
 
+// rawNotifyTrigger puts the library's NOTIFY trigger on bench_raw, or takes it off.
+func (e *env) rawNotifyTrigger(ctx context.Context, on bool) error {
+	q := "DROP TRIGGER IF EXISTS bench_raw_notify ON bench_raw"
+	if on {
+		q = "CREATE TRIGGER bench_raw_notify AFTER INSERT ON bench_raw FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()"
+	}
+	_, err := e.admin.ExecContext(ctx, q)
+	return err
+}
+
 // rawJobColumns are the columns GORM's Create of a Job writes.
 const rawJobColumns = "name, queue, args, kwargs, meta, result, priority, identity, added, scheduled, started, executed, cancelled, failed, attempts, max_attempts, locked_until, locked_by, group_id"
 

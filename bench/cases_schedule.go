@@ -68,6 +68,21 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 	}
 	d.rep.trace(kind, fmt.Sprintf("schedule 1 job/tx c=%d", c), e.trace.stop(int64(lib1*cfg.duration.Seconds())))
 	d.rep.add(kind, fmt.Sprintf("schedule 1 job/tx c=%d", c), lib1, "jobs/s", base1, note1, onPG(ratioAtLeast(0.9)))
+	if pg {
+		// What the library's NOTIFY trigger costs: the same raw loop with
+		// the trigger on bench_raw (NOTIFY serialises commits on Postgres).
+		if err := e.rawNotifyTrigger(ctx, true); err != nil {
+			return err
+		}
+		rawN, rawNoteN, err := rawInsertRate(ctx, e, c, 1, cfg.duration)
+		if err != nil {
+			return fmt.Errorf("raw insert with NOTIFY: %w", err)
+		}
+		d.rep.add(kind, fmt.Sprintf("raw insert+commit, NOTIFY trigger c=%d", c), rawN, "jobs/s", base1, "diagnostic; "+rawNoteN)
+		if err := e.rawNotifyTrigger(ctx, false); err != nil {
+			return err
+		}
+	}
 
 	k := cfg.schedBatch
 	rawK, rawNoteK, err := rawInsertRate(ctx, e, c, k, cfg.duration)
