@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -45,15 +46,16 @@ const pendingSQL = "%[1]s.executed IS NULL AND %[1]s.cancelled IS NULL AND %[1]s
 
 func pending(alias string) string { return fmt.Sprintf(pendingSQL, alias) }
 
-// claimQuery builds the SELECT of claimable jobs in run order.
-func (p *Plugin) claimQuery(f *claimFilter, now time.Time) (string, []any) {
+// claimQuery builds the SELECT of claimable jobs in run order; cols is the
+// select list.
+func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string) (string, []any) {
 	var b strings.Builder
 	dueBy := f.dueBy
 	if dueBy.IsZero() {
 		dueBy = now
 	}
 	args := []any{dueBy, now}
-	b.WriteString("SELECT j.* FROM " + jobTable + " j WHERE " + pending("j") +
+	b.WriteString("SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j") +
 		" AND (j.scheduled IS NULL OR j.scheduled <= ?) AND (j.locked_until IS NULL OR j.locked_until < ?)")
 	if len(f.queues) > 0 {
 		b.WriteString(" AND j.queue IN ?")
@@ -70,81 +72,112 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time) (string, []any) {
 	// A group's final job waits until every other job of its group is done.
 	b.WriteString(" AND (j.group_id IS NULL OR NOT EXISTS (SELECT 1 FROM " + groupTable + " g JOIN " + jobTable +
 		" o ON o.group_id = g.id WHERE g.id = j.group_id AND g.final_id = j.id AND o.id <> j.id AND " + pending("o") + "))")
-	b.WriteString(" ORDER BY j.priority DESC, CASE WHEN j.scheduled IS NULL THEN 1 ELSE 0 END, j.scheduled, j.id LIMIT ?")
+	b.WriteString(" ORDER BY " + p.dialect.claimOrder() + " LIMIT ?")
 	args = append(args, f.limit)
 	b.WriteString(p.dialect.lockClause())
 	return b.String(), args
 }
 
-// claim takes up to f.limit runnable jobs for f.owner. Jobs whose attempts
-// ran out without a recorded result (their workers died) end failed here.
+// claim takes up to f.limit runnable jobs for f.owner, in run order. Jobs
+// whose attempts ran out without a recorded result (their workers died) end
+// failed here instead.
 func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
-	var claimed []*Job
+	var jobs []*Job
+	now := p.now()
+	lease := now.Add(f.lease)
 	err := p.serialize(func() error {
-		claimed = claimed[:0]
-		now := p.now()
-		q, args := p.claimQuery(f, now)
+		jobs = jobs[:0]
+		if p.dialect.updateReturning() {
+			// One statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
+			// SKIP LOCKED) RETURNING *.
+			sel, args := p.claimQuery(f, now, "j.id")
+			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" + sel + ") RETURNING *"
+			args = append([]any{f.owner, lease}, args...)
+			lazy := p.dialect.lazyCommit()
+			if lazy == "" {
+				return p.session(ctx).Raw(q, args...).Scan(&jobs).Error
+			}
+			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
+				if err := tx.Exec(lazy).Error; err != nil {
+					return err
+				}
+				return tx.Raw(q, args...).Scan(&jobs).Error
+			})
+		}
 		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
 			if err := p.dialect.beginWrite(tx); err != nil {
 				return err
 			}
-			var jobs []*Job
-			if err := tx.Raw(q, args...).Scan(&jobs).Error; err != nil {
+			q, args := p.claimQuery(f, now, "j.*")
+			if err := tx.Raw(q, args...).Scan(&jobs).Error; err != nil || len(jobs) == 0 {
 				return err
 			}
-			if len(jobs) == 0 {
-				return nil
-			}
-			for _, j := range jobs {
-				j.normalize()
-			}
-			var ids, exhausted []int64
-			for _, j := range jobs {
-				if j.MaxAttempts > 0 && j.Attempts >= j.MaxAttempts {
-					exhausted = append(exhausted, j.ID)
-					continue
-				}
-				ids = append(ids, j.ID)
-			}
-			lease := now.Add(f.lease)
-			if len(ids) > 0 {
-				if err := tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN ?",
-					f.owner, lease, ids).Error; err != nil {
-					return err
-				}
-			}
-			for _, j := range jobs {
-				if j.MaxAttempts > 0 && j.Attempts >= j.MaxAttempts {
-					continue
-				}
+			ids := make([]int64, len(jobs))
+			for i, j := range jobs {
+				ids[i] = j.ID
 				j.Attempts++
 				j.LockedBy, j.LockedUntil = f.owner, &lease
-				claimed = append(claimed, j)
 			}
-			if len(exhausted) > 0 {
-				return p.failExhausted(tx, exhausted, now)
-			}
-			return nil
+			return tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN ?",
+				f.owner, lease, ids).Error
 		}, p.dialect.claimTxOptions())
 	})
 	if err != nil {
 		return nil, fmt.Errorf("async: claiming jobs: %w", err)
 	}
+	claimed := jobs[:0]
+	var exhausted []int64
+	for _, j := range jobs {
+		j.normalize()
+		if j.MaxAttempts > 0 && j.Attempts > j.MaxAttempts {
+			exhausted = append(exhausted, j.ID)
+			continue
+		}
+		claimed = append(claimed, j)
+	}
+	if len(exhausted) > 0 {
+		if err := p.failExhausted(ctx, exhausted, f.owner, now); err != nil {
+			return nil, fmt.Errorf("async: failing exhausted jobs: %w", err)
+		}
+		if len(claimed) == 0 {
+			return p.claim(ctx, f) // those are out of the way: look again
+		}
+	}
+	sort.Slice(claimed, func(a, b int) bool { return runsBefore(claimed[a], claimed[b]) })
 	return claimed, nil
 }
 
-func (p *Plugin) failExhausted(tx *gorm.DB, ids []int64, now time.Time) error {
-	if err := tx.Exec("UPDATE "+jobTable+" SET failed = ?, locked_by = '', locked_until = NULL WHERE id IN ?", now, ids).Error; err != nil {
-		return err
+// runsBefore is the claim order: priority, then due scheduled jobs by
+// (scheduled, id), then unscheduled jobs by id.
+func runsBefore(a, b *Job) bool {
+	switch {
+	case a.Priority != b.Priority:
+		return a.Priority > b.Priority
+	case (a.Scheduled == nil) != (b.Scheduled == nil):
+		return a.Scheduled != nil
+	case a.Scheduled != nil && !a.Scheduled.Equal(*b.Scheduled):
+		return a.Scheduled.Before(*b.Scheduled)
 	}
-	rows := make([]JobError, len(ids))
-	for i, id := range ids {
-		rows[i] = JobError{JobID: id, Executed: now,
-			Exception: ErrAttemptsExhausted.Error() + ": the last run ended without a result (its worker stopped or lost the database)",
-			Traceback: ""}
-		p.Logger.Error("async: job failed: attempts exhausted by lost runs", "job", id)
-	}
-	return tx.Create(&rows).Error
+	return a.ID < b.ID
+}
+
+// failExhausted ends failed the claimed jobs that had no attempt left.
+func (p *Plugin) failExhausted(ctx context.Context, ids []int64, owner string, now time.Time) error {
+	return p.serialize(func() error {
+		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
+			if err := tx.Exec("UPDATE "+jobTable+" SET failed = ?, attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id IN ? AND locked_by = ?",
+				now, ids, owner).Error; err != nil {
+				return err
+			}
+			rows := make([]JobError, len(ids))
+			for i, id := range ids {
+				rows[i] = JobError{JobID: id, Executed: now,
+					Exception: ErrAttemptsExhausted.Error() + ": the last run ended without a result (its worker stopped or lost the database)"}
+				p.Logger.Error("async: job failed: attempts exhausted by lost runs", "job", id)
+			}
+			return tx.Create(&rows).Error
+		})
+	})
 }
 
 // claimByID claims one job for Job.Execute, whatever its schedule.

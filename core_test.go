@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"gorm.io/gorm"
+	"gorm.io/gorm/utils/tests"
 
 	"github.com/gormasync/async"
 )
@@ -430,4 +431,12 @@ func TestPluginFindsHandlesAndRejectsUnknownDialect(t *testing.T) {
 	}))
 	_, err = async.Schedule(&gorm.DB{Config: &gorm.Config{}}, "x")
 	assert.ErrorIs(t, err, async.ErrNotInstalled)
+}
+
+func TestUnsupportedDialectIsAnError(t *testing.T) {
+	db, err := gorm.Open(tests.DummyDialector{}, &gorm.Config{})
+	require.NoError(t, err)
+	err = db.Use(&async.Plugin{})
+	require.ErrorIs(t, err, async.ErrUnsupportedDialect)
+	assert.ErrorContains(t, err, `"dummy"`)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"gorm.io/gorm"
@@ -18,104 +19,211 @@ import (
 // savepoint is what lets the failure be recorded in the same transaction),
 // records the error with its stack and reschedules the job.
 
-const taskSavepoint = "async_task"
-
 // runOptions tune one run.
 type runOptions struct {
-	timeout time.Duration // zero: none
+	timeout time.Duration // per task; zero: none
+	window  time.Duration // group commit: no new job joins a transaction open longer than this
 }
 
-// run executes a claimed job. ctx is the task's context: cancelling it
-// interrupts the run, which is then rolled back and released without
+const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL"
+
+// runJobs executes claimed jobs. With one job this is the strict mode: one
+// transaction per job. With several (group commit) they run one after
+// another in a shared transaction, each inside its own savepoint, so each
+// job's writes still commit atomically with its completion and a failing job
+// rolls back only its own savepoint. ctx is the tasks' context: cancelling
+// it interrupts the runs, which are rolled back and released without
 // counting the attempt.
-func (p *Plugin) run(ctx context.Context, job *Job, o runOptions) RunInfo {
-	info := RunInfo{Job: job, Started: time.Now()}
-	var stack string
+func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunInfo {
+	infos := make([]RunInfo, len(jobs))
+	for i, j := range jobs {
+		infos[i].Job = j
+	}
 	_ = p.serialize(func() error {
-		info.Outcome, info.Err, stack = p.runTx(ctx, job, o)
+		for next := 0; next < len(jobs); {
+			if ctx.Err() != nil {
+				p.releaseUnstarted(context.WithoutCancel(ctx), jobs[next:])
+				break
+			}
+			if len(jobs)-next > 1 {
+				next = p.runOptimistic(ctx, jobs, infos, next, o)
+			} else {
+				next = p.runTx(ctx, jobs, infos, next, o)
+			}
+		}
 		return nil
 	})
-	info.Duration = time.Since(info.Started)
-	p.logRun(info, stack)
-	if p.AfterRun != nil {
-		p.AfterRun(context.WithoutCancel(ctx), info)
+	for i := range infos {
+		if infos[i].Outcome == "" {
+			continue // released unstarted
+		}
+		p.logRun(infos[i])
+		if p.AfterRun != nil {
+			p.AfterRun(context.WithoutCancel(ctx), infos[i])
+		}
 	}
-	return info
+	return infos
 }
 
-func (p *Plugin) runTx(ctx context.Context, job *Job, o runOptions) (Outcome, error, string) {
+// runTx runs jobs[first:] in one transaction until they are done, the
+// window closes or the context ends, and returns the index of the first job
+// it did not take.
+func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
 	bg := context.WithoutCancel(ctx)
+	setInfo := func(k int, out Outcome, err error) {
+		infos[k].Outcome, infos[k].Err = out, err
+		infos[k].Duration = time.Since(infos[k].Started)
+	}
 	tx := p.session(bg).Begin()
 	if tx.Error != nil {
-		return p.afterBrokenTx(bg, job, nil, fmt.Errorf("async: beginning job transaction: %w", tx.Error), "")
+		infos[first].Started = time.Now()
+		out, err := p.afterBrokenTx(bg, jobs[first], nil, fmt.Errorf("async: beginning job transaction: %w", tx.Error), "")
+		setInfo(first, out, err)
+		return first + 1
 	}
-	now := p.now()
-	fence := tx.Exec("UPDATE "+jobTable+" SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND "+pending(jobTable),
-		now, job.ID, job.LockedBy, job.Attempts)
-	if fence.Error != nil {
+	var inTx []int // jobs whose outcome commits with tx
+	// abort rolls the transaction back: job k's failure is recorded apart;
+	// the others that ran in it are given back to run again.
+	abort := func(k int, t *task, err error, stack string) int {
 		tx.Rollback()
-		return p.afterBrokenTx(bg, job, nil, fmt.Errorf("async: starting job %d: %w", job.ID, fence.Error), "")
+		p.releaseAll(bg, jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
+		out, err := p.afterBrokenTx(bg, jobs[k], t, err, stack)
+		setInfo(k, out, err)
+		return k + 1
 	}
-	if fence.RowsAffected == 0 {
-		tx.Rollback()
-		return OutcomeSkipped, errorf(ErrLeaseLost, "job %d was cancelled or claimed by another worker before it started", job.ID), ""
-	}
-	job.Started = &now
-	if err := tx.SavePoint(taskSavepoint).Error; err != nil {
-		tx.Rollback()
-		return p.afterBrokenTx(bg, job, nil, fmt.Errorf("async: savepoint: %w", err), "")
-	}
-
-	taskCtx, cancel := ctx, context.CancelFunc(func() {})
-	if o.timeout > 0 {
-		taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
-	}
-	defer cancel()
-	t := lookupTask(job.Name)
-	result, err, stack := p.invoke(taskCtx, tx, job, t)
-	switch {
-	case ctx.Err() != nil:
-		// Shutdown: undo everything and give the job back untouched.
-		tx.Rollback()
-		p.release(bg, job)
-		return OutcomeInterrupted, context.Cause(ctx), ""
-	case o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded):
-		err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
-	}
-	if err == nil {
-		done := p.now()
-		res := tx.Exec("UPDATE "+jobTable+" SET executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?",
-			done, result, job.ID)
-		if res.Error == nil {
-			if err = tx.Commit().Error; err == nil {
-				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
-				return OutcomeExecuted, nil, ""
-			}
-			err = fmt.Errorf("async: committing job %d: %w", job.ID, err)
-		} else {
-			err = fmt.Errorf("async: completing job %d: %w", job.ID, res.Error)
+	// With group commit, the window closes the batch: the jobs not started
+	// by then go back to the queue, at once, even while a slow job runs.
+	win := p.batchWindow(bg, jobs, first, o.window)
+	defer win.stop()
+	k := first
+	for ; k < len(jobs); k++ {
+		if k > first && (ctx.Err() != nil || !win.take(k)) {
+			break
 		}
+		job := jobs[k]
+		infos[k].Started = time.Now()
+		now := p.now()
+		fence := tx.Exec(fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
+		if fence.Error != nil {
+			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, fence.Error), "")
+		}
+		if fence.RowsAffected == 0 {
+			setInfo(k, OutcomeSkipped, errorf(ErrLeaseLost, "job %d was cancelled or claimed by another worker before it started", job.ID))
+			continue
+		}
+		job.Started = &now
+		sp := fmt.Sprintf("async_job_%d", k-first)
+		if err := tx.SavePoint(sp).Error; err != nil {
+			return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
+		}
+		taskCtx, cancel := ctx, context.CancelFunc(func() {})
+		if o.timeout > 0 {
+			taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
+		}
+		t := lookupTask(job.Name)
+		result, err, stack := p.invoke(taskCtx, tx, job, t)
+		timedOut := o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded)
+		cancel()
+		if ctx.Err() != nil {
+			// Shutdown: undo everything and give the jobs back untouched.
+			tx.Rollback()
+			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
+			p.releaseUnstarted(bg, jobs[k+1:])
+			return len(jobs)
+		}
+		if timedOut {
+			err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
+		}
+		if err == nil {
+			done := p.now()
+			res := tx.Exec("UPDATE "+jobTable+" SET executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?", done, result, job.ID)
+			if res.Error != nil {
+				return abort(k, t, fmt.Errorf("async: completing job %d: %w", job.ID, res.Error), stack)
+			}
+			job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
+			setInfo(k, OutcomeExecuted, nil)
+			inTx = append(inTx, k)
+			continue
+		}
+		if rb := tx.RollbackTo(sp).Error; rb != nil {
+			return abort(k, t, err, stack)
+		}
+		out, recErr := p.recordFailure(tx, job, t, err, stack)
+		if recErr != nil {
+			return abort(k, t, err, stack)
+		}
+		setInfo(k, out, err)
+		inTx = append(inTx, k)
+	}
+	if err := tx.Commit().Error; err != nil {
+		// Which job made the commit fail is unknown: each records a failure.
 		tx.Rollback()
-		return p.afterBrokenTx(bg, job, t, err, stack)
+		for _, i := range inTx {
+			out, e := p.afterBrokenTx(bg, jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
+			setInfo(i, out, e)
+		}
 	}
-	if rb := tx.RollbackTo(taskSavepoint).Error; rb != nil {
-		tx.Rollback()
-		return p.afterBrokenTx(bg, job, t, err, stack)
+	if win.stop() {
+		return len(jobs) // the window released the rest
 	}
-	outcome, recErr := p.recordFailure(tx, job, t, err, stack)
-	if recErr == nil {
-		recErr = tx.Commit().Error
+	return k
+}
+
+// window bounds a group-commit batch by time.
+type window struct {
+	mu     sync.Mutex
+	next   int  // the first job not yet started
+	closed bool // the window has closed and released jobs[next:]
+	timer  *time.Timer
+	done   chan struct{}
+}
+
+func (p *Plugin) batchWindow(ctx context.Context, jobs []*Job, first int, d time.Duration) *window {
+	w := &window{next: first + 1}
+	if d <= 0 || len(jobs)-first < 2 {
+		return w
 	}
-	if recErr != nil {
-		tx.Rollback()
-		return p.afterBrokenTx(bg, job, t, err, stack)
+	w.done = make(chan struct{})
+	w.timer = time.AfterFunc(d, func() {
+		defer close(w.done)
+		w.mu.Lock()
+		w.closed = true
+		rest := jobs[w.next:]
+		w.mu.Unlock()
+		if len(rest) > 0 {
+			p.releaseUnstarted(ctx, rest)
+			p.wakers.broadcast()
+		}
+	})
+	return w
+}
+
+// take reports whether job k may start in this batch.
+func (w *window) take(k int) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return false
 	}
-	return outcome, err, stack
+	w.next = k + 1
+	return true
+}
+
+// stop ends the window, waiting for a release under way, and reports
+// whether the window had closed.
+func (w *window) stop() bool {
+	if w.timer != nil && !w.timer.Stop() {
+		<-w.done
+	}
+	w.timer = nil
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.closed
 }
 
 // afterBrokenTx records a failure in a fresh transaction when the job's own
 // transaction can no longer be used.
-func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error, string) {
+func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error) {
 	job.Started = nil
 	var outcome Outcome
 	recErr := p.session(ctx).Transaction(func(tx *gorm.DB) error {
@@ -131,9 +239,9 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 		// be claimed again; nothing of this run was committed.
 		p.Logger.Error("async: could not record job failure; the job runs again when its lease expires",
 			"job", job.ID, "error", err, "record_error", recErr)
-		return OutcomeRetry, err, stack
+		return OutcomeRetry, err
 	}
-	return outcome, err, stack
+	return outcome, err
 }
 
 // invoke calls the task, turning a panic into an error with its stack.
@@ -199,13 +307,31 @@ func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, st
 	return outcome, nil
 }
 
-// release gives an interrupted job back: lease cleared, attempt uncounted.
+// releaseAll gives back jobs whose runs were rolled back: lease cleared,
+// attempt uncounted, so they run again at once.
+func (p *Plugin) releaseAll(ctx context.Context, jobs []*Job, idx []int, infos []RunInfo, why error) {
+	for _, k := range idx {
+		p.release(ctx, jobs[k])
+		infos[k].Outcome, infos[k].Err = OutcomeInterrupted, why
+		infos[k].Duration = time.Since(infos[k].Started)
+	}
+}
+
+// releaseUnstarted gives back claimed jobs that never started.
+func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
+	for _, j := range jobs {
+		p.release(ctx, j)
+	}
+}
+
+// release clears a job's lease and uncounts its attempt.
 func (p *Plugin) release(ctx context.Context, job *Job) {
-	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
 		job.ID, job.LockedBy, job.Attempts).Error
 	if err != nil {
-		p.Logger.Error("async: releasing interrupted job; it runs again when its lease expires", "job", job.ID, "error", err)
+		p.Logger.Error("async: releasing job; it runs again when its lease expires", "job", job.ID, "error", err)
 	}
+	job.Started = nil
 }
 
 func exceptionText(err error) string {
@@ -233,7 +359,7 @@ func traceback(err error, stack string) string {
 	return b.String()
 }
 
-func (p *Plugin) logRun(info RunInfo, stack string) {
+func (p *Plugin) logRun(info RunInfo) {
 	j := info.Job
 	switch info.Outcome {
 	case OutcomeExecuted:
@@ -269,7 +395,7 @@ func (j *Job) Execute(db *gorm.DB) error {
 	if err != nil {
 		return err
 	}
-	info := p.run(ctx, claimed, runOptions{})
+	info := p.runJobs(ctx, []*Job{claimed}, runOptions{})[0]
 	*j = *claimed
 	if info.Outcome == OutcomeExecuted {
 		return nil

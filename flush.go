@@ -85,7 +85,7 @@ func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 		if opts.Out != nil {
 			fmt.Fprintf(opts.Out, "%d: %s\n", job.ID, job)
 		}
-		info := p.run(ctx, job, runOptions{timeout: opts.Timeout})
+		info := p.runJobs(ctx, []*Job{job}, runOptions{timeout: opts.Timeout})[0]
 		switch info.Outcome {
 		case OutcomeExecuted:
 			ran++

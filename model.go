@@ -27,7 +27,7 @@ type Job struct {
 	// Name is the registered task name.
 	Name string `gorm:"size:191;not null;index:async_job_name" json:"name"`
 	// Queue is the queue the job is served from ("default" unless set).
-	Queue string `gorm:"size:100;not null;default:default;index:async_job_claim,priority:1" json:"queue"`
+	Queue string `gorm:"size:100;not null;index:async_job_claim,priority:1" json:"queue"`
 	// Args is the JSON array of positional arguments.
 	Args string `gorm:"type:text;not null" json:"args"`
 	// Kwargs is the JSON object of keyword arguments.
@@ -37,7 +37,7 @@ type Job struct {
 	// Result is the JSON encoding of the task's result once executed.
 	Result string `gorm:"type:text" json:"result"`
 	// Priority orders runnable jobs: higher runs first. Default 5.
-	Priority int `gorm:"not null;default:5;index:async_job_claim,priority:5" json:"priority"`
+	Priority int `gorm:"not null;index:async_job_claim,priority:5" json:"priority"`
 	// Identity is the SHA-1 of the job's text form (name and arguments).
 	Identity string `gorm:"size:40;not null;index:async_job_identity" json:"identity"`
 	// Added is when the job was scheduled.
@@ -53,13 +53,13 @@ type Job struct {
 	// Failed is when the job ended in the terminal failed state.
 	Failed *time.Time `gorm:"precision:6;index:async_job_claim,priority:4" json:"failed"`
 	// Attempts counts the runs started, including the one in progress.
-	Attempts int `gorm:"not null;default:0" json:"attempts"`
+	Attempts int `gorm:"not null" json:"attempts"`
 	// MaxAttempts is how many runs the job gets; zero or less means unlimited.
-	MaxAttempts int `gorm:"not null;default:0" json:"max_attempts"`
+	MaxAttempts int `gorm:"not null" json:"max_attempts"`
 	// LockedUntil is the lease of the worker that claimed the job.
 	LockedUntil *time.Time `gorm:"precision:6" json:"locked_until"`
 	// LockedBy identifies the claim that holds the lease ("" when free).
-	LockedBy string `gorm:"size:64;not null;default:''" json:"locked_by"`
+	LockedBy string `gorm:"size:64;not null" json:"locked_by"`
 	// GroupID is the job's group, if any.
 	GroupID *int64 `gorm:"index:async_job_group" json:"group_id"`
 }

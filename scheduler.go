@@ -165,3 +165,66 @@ func (p *Plugin) newJob(task any, opts []Option) (*newJobRow, error) {
 	j.Identity = identityOf(j.Name, j.Args, j.Kwargs)
 	return j, nil
 }
+
+// Call is one job for ScheduleMany: a task and its options. Build it with Task.
+type Call struct {
+	task any
+	opts []Option
+}
+
+// Task describes a job for ScheduleMany, with the same arguments as Schedule.
+func Task(task any, opts ...Option) Call { return Call{task: task, opts: opts} }
+
+// ScheduleMany adds many jobs through tx in as few INSERT statements as the
+// database allows (chunked under its limit on bound parameters). It is
+// all-or-nothing: on a plain handle the chunks share one transaction; in a
+// transaction they commit or roll back with it. Every call is checked as by
+// Schedule before anything is written.
+func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
+	p, err := pluginOf(tx)
+	if err != nil {
+		return nil, err
+	}
+	rows := make([]Job, len(calls))
+	refs := map[int]string{}
+	for i, c := range calls {
+		j, err := p.newJob(c.task, c.opts)
+		if err != nil {
+			return nil, fmt.Errorf("%w (job %d of %d)", err, i+1, len(calls))
+		}
+		rows[i] = j.Job
+		if j.groupRef != "" {
+			refs[i] = j.groupRef
+		}
+	}
+	if len(rows) == 0 {
+		return nil, nil
+	}
+	if tx.Error != nil {
+		return nil, fmt.Errorf("async: schedule many: the handle already carries an error: %w", tx.Error)
+	}
+	db := tx.Session(&gorm.Session{NewDB: true})
+	err = db.Transaction(func(db *gorm.DB) error {
+		groups := map[string]*int64{}
+		for i, ref := range refs {
+			if groups[ref] == nil {
+				if groups[ref], err = p.joinGroup(db, ref); err != nil {
+					return err
+				}
+			}
+			rows[i].GroupID = groups[ref]
+		}
+		return db.CreateInBatches(rows, p.dialect.maxParams()/jobColumns).Error
+	})
+	if err != nil {
+		return nil, fmt.Errorf("async: schedule many: %w", err)
+	}
+	out := make([]*Job, len(rows))
+	for i := range rows {
+		out[i] = &rows[i]
+	}
+	return out, nil
+}
+
+// jobColumns is how many bound parameters one async_job row takes in an INSERT.
+const jobColumns = 19

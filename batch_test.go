@@ -1,0 +1,157 @@
+package async_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// ScheduleMany: many jobs, several INSERT chunks, all-or-nothing.
+func TestScheduleManyIsAllOrNothing(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		const n = 4000 // more than one chunk on every database
+		calls := make([]async.Call, n)
+		for i := range calls {
+			calls[i] = async.Task(writeEffect, async.Args(fmt.Sprintf("many-%d", i), i), async.Priority(i%3))
+		}
+		errRollback := errors.New("rollback")
+		err := d.DB.Transaction(func(tx *gorm.DB) error {
+			jobs, err := async.ScheduleMany(tx, calls...)
+			require.NoError(t, err)
+			require.Len(t, jobs, n)
+			return errRollback
+		})
+		require.ErrorIs(t, err, errRollback)
+		assert.Zero(t, count(t, d.DB, "async_job", ""))
+
+		jobs, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		require.Len(t, jobs, n)
+		ids := map[int64]bool{}
+		for _, j := range jobs {
+			require.NotZero(t, j.ID)
+			ids[j.ID] = true
+		}
+		assert.Len(t, ids, n, "every job has its own id")
+		assert.EqualValues(t, n, count(t, d.DB, "async_job", ""))
+		got := getJob(t, d.DB, jobs[n-1].ID)
+		assert.Equal(t, jobs[n-1].Args, got.Args)
+		assert.Equal(t, (n-1)%3, got.Priority)
+
+		// One bad call: nothing is written.
+		bad := append([]async.Call{async.Task(writeEffect, async.Args("ok", 1))}, async.Task(writeEffect, async.Args("missing-val")))
+		_, err = async.ScheduleMany(d.DB, bad...)
+		require.ErrorIs(t, err, async.ErrBadArguments)
+		assert.ErrorContains(t, err, "job 2 of 2")
+		assert.EqualValues(t, n, count(t, d.DB, "async_job", ""))
+	})
+}
+
+var gate = struct {
+	sync.Mutex
+	chans map[string]chan struct{}
+}{chans: map[string]chan struct{}{}}
+
+func gateChan(key string) chan struct{} {
+	gate.Lock()
+	defer gate.Unlock()
+	if gate.chans[key] == nil {
+		gate.chans[key] = make(chan struct{})
+	}
+	return gate.chans[key]
+}
+
+// blockUntilOpened writes its effect, then waits until the test opens its gate.
+func blockUntilOpened(ctx context.Context, tx *gorm.DB, key string) error {
+	countRun(key)
+	if err := tx.Create(&Effect{K: key}).Error; err != nil {
+		return err
+	}
+	select {
+	case <-gateChan(key):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func init() { async.MustRegister(blockUntilOpened) }
+
+// Group commit: each job's writes commit with its completion; a failing job
+// rolls back only its own savepoint.
+func TestGroupCommitIsolatesFailures(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		prefix := fmt.Sprintf("gc-%s-%d-", d.Kind, time.Now().UnixNano())
+		const m = 40
+		var calls []async.Call
+		for i := 0; i < m; i++ {
+			key := fmt.Sprintf("%s%d", prefix, i)
+			if i%4 == 3 {
+				calls = append(calls, async.Task(failAfterWrite, async.Args(key)))
+			} else {
+				calls = append(calls, async.Task(writeEffect, async.Args(key, i)))
+			}
+		}
+		_, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, BatchSize: 8, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+		waitFor(t, 60*time.Second, "every job to run once", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == 30 && count(t, d.DB, "async_error", "") == 10
+		})
+		assert.EqualValues(t, 30, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"), "only the successful jobs' writes remain")
+		for i := 3; i < m; i += 4 {
+			key := fmt.Sprintf("%s%d", prefix, i)
+			assert.Zero(t, count(t, d.DB, "effects", "k = ?", key))
+			assert.EqualValues(t, 1, runCount(key))
+		}
+		assert.EqualValues(t, 10, count(t, d.DB, "async_job", "executed IS NULL AND scheduled IS NOT NULL AND attempts = 1"))
+	})
+}
+
+// Group commit: a slow job holds its batch's other jobs back only for the
+// window; they go back to the queue and another runner takes them.
+func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		slow := fmt.Sprintf("slow-%s-%d", d.Kind, time.Now().UnixNano())
+		if d.Kind == "sqlite" {
+			// One writer: the slow job's transaction holds the database, so
+			// nothing else commits until it ends. What must still hold: the
+			// window's release and the batch never run a job twice.
+			close(gateChan(slow))
+		}
+		calls := []async.Call{async.Task(blockUntilOpened, async.Args(slow), async.Priority(9))}
+		for i := 0; i < 5; i++ {
+			calls = append(calls, async.Task(writeEffect, async.Args(fmt.Sprintf("%s-%d", slow, i), i)))
+		}
+		_, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		// One claim takes all six jobs into one batch; the slow one runs first.
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, BatchSize: 6, BatchWindow: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond})
+		if d.Kind != "sqlite" {
+			waitFor(t, 30*time.Second, "the other jobs to run while the slow one is blocked", func() bool {
+				return count(t, d.DB, "async_job", "executed IS NOT NULL") == 5
+			})
+			assert.EqualValues(t, 0, count(t, d.DB, "effects", "k = ?", slow), "the slow job has not committed")
+			close(gateChan(slow))
+		}
+		waitFor(t, 30*time.Second, "the slow job to finish", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == 6
+		})
+		for i := 0; i < 5; i++ {
+			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%s-%d", slow, i)))
+		}
+		assert.EqualValues(t, 1, runCount(slow))
+	})
+}

@@ -1,0 +1,145 @@
+package async
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+)
+
+// Group commit, optimistic. When a worker runs K > 1 jobs in one transaction
+// it first runs their tasks back to back with no savepoint and no per-job
+// statement of its own, then completes all of them in one UPDATE that also
+// re-checks every claim (locked_by, attempts), and commits once. A job's
+// writes still commit in the same transaction as its completion. If any task
+// fails, or a claim was lost, the transaction is rolled back and the jobs go
+// through the careful path (runTx: one savepoint per job, so that a failure
+// rolls back only its own job); the failing job's error is recorded without
+// running it again. Tasks that already ran in the rolled-back transaction run
+// again, which the at-least-once guarantee for external effects allows.
+
+// runOptimistic runs jobs[first:] in one transaction and returns the index
+// of the first job it did not take.
+func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
+	bg := context.WithoutCancel(ctx)
+	tx := p.session(bg).Begin()
+	if tx.Error != nil {
+		return p.runTx(ctx, jobs, infos, first, o)
+	}
+	if err := p.dialect.beginWrite(tx); err != nil {
+		tx.Rollback()
+		return p.runTx(ctx, jobs, infos, first, o)
+	}
+	win := p.batchWindow(bg, jobs, first, o.window)
+	defer win.stop()
+	// careful reruns jobs[first:upto] with a savepoint each, then says where
+	// to go on from.
+	careful := func(upto int) int {
+		tx.Rollback()
+		closed := win.stop()
+		for next := first; next < upto; {
+			next = p.runTx(ctx, jobs[:upto], infos[:upto], next, runOptions{timeout: o.timeout})
+		}
+		if closed {
+			return len(jobs) // the window released the rest
+		}
+		return upto
+	}
+	var results []string
+	var starts []time.Time
+	k := first
+	for ; k < len(jobs); k++ {
+		if k > first && (ctx.Err() != nil || !win.take(k)) {
+			break
+		}
+		job := jobs[k]
+		infos[k].Started = time.Now()
+		starts = append(starts, p.now())
+		taskCtx, cancel := ctx, context.CancelFunc(func() {})
+		if o.timeout > 0 {
+			taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
+		}
+		t := lookupTask(job.Name)
+		result, err, stack := p.invoke(taskCtx, tx, job, t)
+		timedOut := o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded)
+		cancel()
+		if ctx.Err() != nil {
+			tx.Rollback()
+			win.stop()
+			p.releaseUnstarted(bg, jobs[first:])
+			for i := first; i <= k; i++ {
+				infos[i].Outcome, infos[i].Err = OutcomeInterrupted, context.Cause(ctx)
+				infos[i].Duration = time.Since(infos[i].Started)
+			}
+			return len(jobs)
+		}
+		if timedOut {
+			err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
+		}
+		if err != nil {
+			// Record this failure on its own, then redo the others carefully.
+			tx.Rollback()
+			out, e := p.afterBrokenTx(bg, job, t, err, stack)
+			infos[k].Outcome, infos[k].Err = out, e
+			infos[k].Duration = time.Since(infos[k].Started)
+			next := careful(k)
+			if next == len(jobs) {
+				return next
+			}
+			return k + 1
+		}
+		results = append(results, result)
+	}
+	batch := jobs[first:k]
+	if len(batch) == 0 {
+		tx.Rollback()
+		return k
+	}
+	done := p.now()
+	q, args := completeAllSQL(batch, starts, results, done, p.dialect.timeParam())
+	res := tx.Exec(q, args...)
+	if res.Error != nil || res.RowsAffected != int64(len(batch)) {
+		return careful(k) // a claim was lost, or the database failed: go job by job
+	}
+	if err := tx.Commit().Error; err != nil {
+		return careful(k)
+	}
+	for i, job := range batch {
+		job.Started, job.Executed, job.Result, job.LockedBy, job.LockedUntil = &starts[i], &done, results[i], "", nil
+		infos[first+i].Outcome = OutcomeExecuted
+		infos[first+i].Duration = time.Since(infos[first+i].Started)
+	}
+	if win.stop() {
+		return len(jobs)
+	}
+	return k
+}
+
+// completeAllSQL marks jobs executed in one statement, each with its own
+// start time and result, only where each claim still holds.
+func completeAllSQL(jobs []*Job, starts []time.Time, results []string, done time.Time, timeParam string) (string, []any) {
+	var b strings.Builder
+	args := make([]any, 0, 7*len(jobs)+3)
+	b.WriteString("UPDATE " + jobTable + " SET executed = ?, locked_by = '', locked_until = NULL, started = CASE id")
+	args = append(args, done)
+	for i, j := range jobs {
+		b.WriteString(" WHEN ? THEN " + timeParam)
+		args = append(args, j.ID, starts[i])
+	}
+	b.WriteString(" END, result = CASE id")
+	for i, j := range jobs {
+		b.WriteString(" WHEN ? THEN ?")
+		args = append(args, j.ID, results[i])
+	}
+	b.WriteString(" END WHERE locked_by = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL AND (id, attempts) IN (")
+	args = append(args, jobs[0].LockedBy)
+	for i, j := range jobs {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("(?, ?)")
+		args = append(args, j.ID, j.Attempts)
+	}
+	b.WriteString(")")
+	return b.String(), args
+}
