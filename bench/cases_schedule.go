@@ -90,23 +90,24 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 		return fmt.Errorf("raw multi-row insert: %w", err)
 	}
 	baseK := d.rep.add(kind, fmt.Sprintf("raw %d-row insert/tx c=%d", k, c), rawK, "jobs/s", nil, "baseline; "+rawNoteK)
-	how := "ScheduleMany"
-	if !haveScheduleMany {
-		how = "Schedule loop" // ScheduleMany is not in the library yet
-	}
 	stop = d.profileCase(fmt.Sprintf("schedule-%d c=%d", k, c))
 	e.trace.start()
 	libK, noteK, err := loopCPU(ctx, c, cfg.duration, func(ctx context.Context, _ int) (int, error) {
 		return k, db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-			return scheduleMany(tx, taskNoop, k)
+			calls := make([]async.Call, k)
+			for i := range calls {
+				calls[i] = async.Task(taskNoop)
+			}
+			_, err := async.ScheduleMany(tx, calls...)
+			return err
 		})
 	})
 	stop()
 	if err != nil {
 		return fmt.Errorf("schedule many per tx: %w", err)
 	}
-	d.rep.trace(kind, fmt.Sprintf("schedule %d jobs/tx c=%d", k, c), e.trace.stop(int64(libK*cfg.duration.Seconds())))
-	d.rep.add(kind, fmt.Sprintf("schedule %d jobs/tx (%s) c=%d", k, how, c), libK, "jobs/s", baseK, noteK,
+	d.rep.trace(kind, fmt.Sprintf("ScheduleMany %d jobs/tx c=%d", k, c), e.trace.stop(int64(libK*cfg.duration.Seconds())))
+	d.rep.add(kind, fmt.Sprintf("ScheduleMany %d jobs/tx c=%d", k, c), libK, "jobs/s", baseK, noteK,
 		onPG(ratioAtLeast(0.8)), onPG(valueAtLeast(40000, "jobs/s")))
 	return nil
 }

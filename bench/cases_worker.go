@@ -6,6 +6,10 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
 )
 
 // Worker throughput: jobs/s of workers draining a queue kept about
@@ -41,10 +45,8 @@ func (d *dbRun) workerCases(ctx context.Context) error {
 		conc = slices.DeleteFunc(conc, func(c int) bool { return c != 1 && c != 4 && c != d.best })
 	}
 	batches := []int{1}
-	if haveBatchSize {
+	if d.cfg.batchK > 1 {
 		batches = append(batches, d.cfg.batchK)
-	} else {
-		d.rep.skip(kind, fmt.Sprintf("worker * K=%d (group commit)", d.cfg.batchK), "WorkerOptions.BatchSize not in the library yet")
 	}
 	for _, c := range conc {
 		// The baseline again, right before the cases compared with it: the
@@ -176,6 +178,16 @@ func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, no
 		err = fmt.Errorf("no job ran in %s", cfg.duration)
 	}
 	return rate, note, err
+}
+
+// newWorker makes a worker; batch > 1 is group commit (WorkerOptions.BatchSize).
+func newWorker(db *gorm.DB, concurrency, batch int, poll time.Duration) (*async.Worker, error) {
+	return async.NewWorker(db, async.WorkerOptions{
+		Concurrency:     concurrency,
+		BatchSize:       batch,
+		PollInterval:    poll,
+		ShutdownTimeout: 10 * time.Second,
+	})
 }
 
 // children is a set of child worker processes.

@@ -122,14 +122,6 @@ func (r *report) add(db, name string, value float64, unit string, base *row, not
 	return x
 }
 
-// skip records a case that could not run, with why.
-func (r *report) skip(db, name, why string) {
-	r.mu.Lock()
-	r.Rows = append(r.Rows, &row{DB: db, Case: name, Unit: "-", Note: why})
-	r.mu.Unlock()
-	progress("%s: %-44s skipped: %s", db, name, why)
-}
-
 func (r *report) fail(db, what string, err error) {
 	r.mu.Lock()
 	r.Errors = append(r.Errors, fmt.Sprintf("%s: %s: %v", db, what, err))

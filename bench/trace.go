@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -75,9 +76,12 @@ func (t *sqlTrace) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, _ pgx.Trac
 	}
 }
 
-// label turns a statement into a short name.
+var digitsRE = regexp.MustCompile(`[0-9]+`)
+
+// label turns a statement into a short name; numbers become N, so that
+// GORM's random savepoint names count as one statement.
 func label(sql string) string {
-	s := strings.Join(strings.Fields(sql), " ")
+	s := digitsRE.ReplaceAllString(strings.Join(strings.Fields(sql), " "), "N")
 	if len(s) > 48 {
 		s = s[:48] + "..."
 	}
