@@ -138,19 +138,45 @@ func rawJobArgs(args []any, ident string) []any {
 		nil, nil, nil, nil, nil, 0, 25, nil, "", nil)
 }
 
-// rawInsert inserts n rows in one statement in one transaction, reading
-// back the ids as GORM does (RETURNING on Postgres, LastInsertId elsewhere).
-func (e *env) rawInsert(ctx context.Context, db *sql.DB, stmt string, n int) error {
+// rawRowsPerStmt is how many job rows one raw INSERT carries: all of them,
+// except on SQLite, whose pure-Go driver binds parameters in quadratic time
+// (a 1000-row statement, 19000 parameters, takes hundreds of milliseconds
+// to bind), so there the rows go in statements of at most 999 parameters,
+// as the library's ScheduleMany does.
+func (e *env) rawRowsPerStmt(batch int) int {
+	if e.kind == "sqlite" {
+		return min(batch, 999/rawJobColumnCount)
+	}
+	return batch
+}
+
+// rawInsert inserts n rows with statements of stmtRows rows (stmt) in one
+// transaction, reading back the ids as GORM does (RETURNING on Postgres,
+// LastInsertId elsewhere).
+func (e *env) rawInsert(ctx context.Context, db *sql.DB, stmt, tail string, stmtRows, n int) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback() //nolint:errcheck // after Commit it is a no-op
 	ident := textIdentity(taskNoop, nil)
-	args := make([]any, 0, n*rawJobColumnCount)
-	for i := 0; i < n; i++ {
-		args = rawJobArgs(args, ident)
+	for done := 0; done < n; done += stmtRows {
+		k, q := stmtRows, stmt
+		if n-done < stmtRows {
+			k, q = n-done, tail
+		}
+		args := make([]any, 0, k*rawJobColumnCount)
+		for i := 0; i < k; i++ {
+			args = rawJobArgs(args, ident)
+		}
+		if err := e.rawInsertStmt(ctx, tx, q, args); err != nil {
+			return err
+		}
 	}
+	return tx.Commit()
+}
+
+func (e *env) rawInsertStmt(ctx context.Context, tx *sql.Tx, stmt string, args []any) error {
 	if e.kind == "postgres" {
 		rows, err := tx.QueryContext(ctx, stmt, args...)
 		if err != nil {
@@ -175,7 +201,7 @@ func (e *env) rawInsert(ctx context.Context, db *sql.DB, stmt string, n int) err
 			return err
 		}
 	}
-	return tx.Commit()
+	return nil
 }
 
 // rawInsertRate measures raw inserts of batch rows per transaction, conc
@@ -186,9 +212,10 @@ func rawInsertRate(ctx context.Context, e *env, conc, batch int, d time.Duration
 		return 0, "", err
 	}
 	defer db.Close()
-	stmt := e.rawInsertSQL(batch)
+	rows := e.rawRowsPerStmt(batch)
+	stmt, tail := e.rawInsertSQL(rows), e.rawInsertSQL(max(batch%rows, 1))
 	return loopCPU(ctx, conc, d, func(ctx context.Context, _ int) (int, error) {
-		return batch, e.rawInsert(ctx, db, stmt, batch)
+		return batch, e.rawInsert(ctx, db, stmt, tail, rows, batch)
 	})
 }
 

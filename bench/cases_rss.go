@@ -32,7 +32,7 @@ func (d *dbRun) rssCase(ctx context.Context) error {
 	if c == 0 {
 		c = d.cfg.conc[len(d.cfg.conc)-1]
 	}
-	wc := workerCase{task: taskNoop, conc: c, procs: 1, batch: 1}
+	wc := workerCase{task: taskNoop, conc: c, procs: 1, batch: cfg.rssBatch}
 	kids, err := d.startWorkerChildren(ctx, wc, throughputPoll)
 	if err != nil {
 		return err
@@ -78,7 +78,7 @@ func (d *dbRun) rssCase(ctx context.Context) error {
 	}
 	endHWM, endRSS := k.hwmKB.Load(), k.rssKB.Load()
 	base := d.rep.add(kind, fmt.Sprintf("worker peak RSS after %s jobs (warm-up)", count(int(warmAt))), float64(warmHWM)/1024, "MB", nil,
-		fmt.Sprintf("RSS then %.1f MB; c=%d", float64(warmRSS)/1024, c))
+		fmt.Sprintf("RSS then %.1f MB; c=%d K=%d", float64(warmRSS)/1024, c, cfg.rssBatch))
 	d.rep.add(kind, fmt.Sprintf("worker peak RSS after %s jobs", count(int(total))), float64(endHWM)/1024, "MB", base,
 		fmt.Sprintf("RSS at end %.1f MB; %.0f jobs/s", float64(endRSS)/1024, float64(last)/elapsed.Seconds()), ratioAtMost(rssFlat))
 	return nil

@@ -89,6 +89,9 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 	if err != nil {
 		return fmt.Errorf("raw multi-row insert: %w", err)
 	}
+	if r := e.rawRowsPerStmt(k); r < k {
+		rawNoteK = fmt.Sprintf("%d rows per statement; %s", r, rawNoteK)
+	}
 	baseK := d.rep.add(kind, fmt.Sprintf("raw %d-row insert/tx c=%d", k, c), rawK, "jobs/s", nil, "baseline; "+rawNoteK)
 	stop = d.profileCase(fmt.Sprintf("schedule-%d c=%d", k, c))
 	e.trace.start()

@@ -39,6 +39,7 @@ type config struct {
 	batchK         int // group commit size for WorkerOptions.BatchSize
 	queueDepth     int // pending jobs the feeder keeps in throughput cases
 	rssJobs        int
+	rssBatch       int   // BatchSize of the memory case's worker
 	claimRows      []int // finished rows in the claim-cost case
 	claimJobs      int   // no-op jobs run per claim-cost measurement
 	latencyGap     time.Duration
@@ -69,6 +70,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&c.batchK, "batch", 16, "WorkerOptions.BatchSize for the group-commit cases (1: strict mode only)")
 	fs.IntVar(&c.queueDepth, "queue-depth", 2000, "pending jobs kept in the queue during throughput cases")
 	fs.IntVar(&c.rssJobs, "rss-jobs", 1_000_000, "no-op jobs run in the worker memory case")
+	fs.IntVar(&c.rssBatch, "rss-batch", 16, "WorkerOptions.BatchSize in the worker memory case (1: strict mode, much slower)")
 	claimRows := fs.String("claim-rows", "10000,1000000", "finished rows in the table for the claim-cost case")
 	fs.IntVar(&c.claimJobs, "claim-jobs", 1000, "no-op jobs run per claim-cost measurement")
 	fs.DurationVar(&c.latencyGap, "latency-gap", 20*time.Millisecond, "gap between the producer's commits in the latency case")
@@ -111,7 +113,7 @@ func parseFlags(args []string) (*config, error) {
 	if c.quick {
 		quickDefaults(c, set)
 	}
-	if c.duration <= 0 || c.schedBatch < 1 || c.batchK < 1 || c.queueDepth < 1 || c.rssJobs < 1 || c.claimJobs < 1 || len(c.claimRows) == 0 {
+	if c.duration <= 0 || c.schedBatch < 1 || c.batchK < 1 || c.queueDepth < 1 || c.rssJobs < 1 || c.rssBatch < 1 || c.claimJobs < 1 || len(c.claimRows) == 0 {
 		return nil, errors.New("durations and sizes must be positive")
 	}
 	return c, nil
