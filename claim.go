@@ -62,8 +62,9 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string) (string,
 		args = append(args, f.queues)
 	}
 	if f.prefix != "" {
-		b.WriteString(" AND j.name LIKE ?" + likeEscape)
-		args = append(args, likePrefix(f.prefix))
+		cond, arg := p.dialect.namePrefix("j.name", f.prefix)
+		b.WriteString(" AND " + cond)
+		args = append(args, arg)
 	}
 	if f.outOf > 1 {
 		b.WriteString(" AND j.id % ? = ?")

@@ -33,9 +33,11 @@ func RemoveOldJobs(ctx context.Context, tx *gorm.DB, days, hours int) error {
 	if err := db.Where("job_id IN (?)", oldJobs).Delete(&JobError{}).Error; err != nil {
 		return fmt.Errorf("async: removing old errors: %w", err)
 	}
-	if err := db.Where("group_id IS NULL AND "+old, cutoff, cutoff, cutoff).Delete(&Job{}).Error; err != nil {
-		return fmt.Errorf("async: removing old jobs: %w", err)
+	res := db.Where("group_id IS NULL AND "+old, cutoff, cutoff, cutoff).Delete(&Job{})
+	if res.Error != nil {
+		return fmt.Errorf("async: removing old jobs: %w", res.Error)
 	}
+	removed := res.RowsAffected
 	// Groups all of whose jobs are old.
 	var groups []int64
 	err = db.Raw("SELECT group_id FROM "+jobTable+" WHERE group_id IS NOT NULL GROUP BY group_id HAVING SUM(CASE WHEN "+old+" THEN 1 ELSE 0 END) = COUNT(*)",
@@ -49,13 +51,16 @@ func RemoveOldJobs(ctx context.Context, tx *gorm.DB, days, hours int) error {
 		if err := db.Where("job_id IN (?)", jobs).Delete(&JobError{}).Error; err != nil {
 			return fmt.Errorf("async: removing old group errors: %w", err)
 		}
-		if err := db.Where("group_id IN ?", ids).Delete(&Job{}).Error; err != nil {
-			return fmt.Errorf("async: removing old group jobs: %w", err)
+		res := db.Where("group_id IN ?", ids).Delete(&Job{})
+		if res.Error != nil {
+			return fmt.Errorf("async: removing old group jobs: %w", res.Error)
 		}
+		removed += res.RowsAffected
 		if err := db.Where("id IN ?", ids).Delete(&Group{}).Error; err != nil {
 			return fmt.Errorf("async: removing old groups: %w", err)
 		}
 	}
+	p.Logger.Info("async: removing old jobs", "cutoff", cutoff, "jobs", removed, "groups", len(groups))
 	_, err = Schedule(tx, RemoveOldJobs, Args(days, hours), RunAfter(now.Add(time.Duration(hours)*time.Hour)))
 	return err
 }

@@ -16,13 +16,15 @@ import (
 // RunCommand runs one of the management subcommands, so that any
 // application's main can offer them:
 //
-//	flush_queue [--jobs N] [--which W --outof O] [--filter PREFIX] [--queue Q] [--timeout D]
-//	queue_health [--algorithm rough|precise]
+//	flush_queue [--jobs|-j N] [--which|-w W --outof|-o O] [--filter|-f PREFIX] [--queue Q] [--timeout D]
+//	queue_health [--algorithm|-a rough|precise]   (default precise, like the reference command)
 //	retry JOB_ID
 //
-// It returns the process exit status: non-zero when flush_queue stopped at
-// a failing job, or on any error. Register the application's tasks before
-// calling it.
+// It returns the process exit status: 1 when flush_queue stopped at a
+// failing job or on any other error, 2 for a usage error (including an
+// unknown estimation algorithm). As in the reference, flush_queue prints
+// "Lock is already set, aborting." and exits 0 when another run holds its
+// partition. Register the application's tasks before calling it.
 func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprintln(stderr, "usage: flush_queue|queue_health|retry [options]")
@@ -36,10 +38,14 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 	case "flush_queue":
 		var o FlushOptions
 		var queues string
-		fs.IntVar(&o.Jobs, "jobs", DefaultFlushJobs, "most jobs to run")
+		fs.IntVar(&o.Jobs, "jobs", DefaultFlushJobs, "most jobs to run (0 means 300)")
+		fs.IntVar(&o.Jobs, "j", DefaultFlushJobs, "shorthand for --jobs")
 		fs.IntVar(&o.Which, "which", 0, "this runner's partition number")
+		fs.IntVar(&o.Which, "w", 0, "shorthand for --which")
 		fs.IntVar(&o.OutOf, "outof", 1, "number of partitions")
+		fs.IntVar(&o.OutOf, "o", 1, "shorthand for --outof")
 		fs.StringVar(&o.Filter, "filter", "", "run only tasks whose name starts with this prefix")
+		fs.StringVar(&o.Filter, "f", "", "shorthand for --filter")
 		fs.StringVar(&queues, "queue", "", "comma-separated queues to run (default all)")
 		fs.DurationVar(&o.Timeout, "timeout", 0, "per-job timeout (0: none)")
 		if fs.Parse(rest) != nil {
@@ -64,10 +70,17 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 		}
 		return 0
 	case "queue_health":
+		var algorithm string
+		fs.StringVar(&algorithm, "algorithm", AlgorithmPrecise, "estimation algorithm: rough or precise")
+		fs.StringVar(&algorithm, "a", AlgorithmPrecise, "shorthand for --algorithm")
 		if fs.Parse(rest) != nil {
 			return 2
 		}
-		rep, err := Health(db)
+		rep, err := Health(db, Algorithm(algorithm))
+		if errors.Is(err, ErrUnknownAlgorithm) {
+			fmt.Fprintf(stderr, "queue_health: %v\n", err)
+			return 2
+		}
 		if err != nil {
 			fmt.Fprintf(stderr, "queue_health: %v\n", err)
 			return 1

@@ -259,7 +259,22 @@ func (d *dialect) listen(ctx context.Context, sqlDB *sql.DB, ready, wake func())
 	})
 }
 
-// likeEscape makes a LIKE pattern that matches prefix literally; the escape
+// namePrefix is an SQL condition, with its one argument, that the task name
+// in col starts with prefix, literally and case-sensitively (task names are
+// Go names). LIKE ignores ASCII case on SQLite and under MySQL's default
+// collations, so MySQL compares the pattern in binary and SQLite uses GLOB.
+func (d *dialect) namePrefix(col, prefix string) (string, any) {
+	switch d.kind {
+	case kindSQLite:
+		return col + " GLOB ?", globPrefix(prefix)
+	case kindMySQL:
+		return col + " LIKE CAST(? AS BINARY)" + likeEscape, likePrefix(prefix)
+	default:
+		return col + " LIKE ?" + likeEscape, likePrefix(prefix)
+	}
+}
+
+// likePrefix makes a LIKE pattern that matches prefix literally; the escape
 // character is '!' because backslash means different things to MySQL and the others.
 func likePrefix(prefix string) string {
 	r := strings.NewReplacer("!", "!!", "%", "!%", "_", "!_")
@@ -267,3 +282,23 @@ func likePrefix(prefix string) string {
 }
 
 const likeEscape = " ESCAPE '!'"
+
+// globPrefix makes an SQLite GLOB pattern that matches prefix literally.
+func globPrefix(prefix string) string {
+	r := strings.NewReplacer("*", "[*]", "?", "[?]", "[", "[[]")
+	return r.Replace(prefix) + "*"
+}
+
+// secondsBetween is an SQL expression for the seconds from the time column
+// (or expression) from to the time to, whole days included, as a float.
+// SQLite's julianday keeps about a millisecond of precision.
+func (d *dialect) secondsBetween(from, to string) string {
+	switch d.kind {
+	case kindPostgres:
+		return "CAST(EXTRACT(EPOCH FROM (" + to + " - " + from + ")) AS DOUBLE PRECISION)"
+	case kindMySQL:
+		return "(TIMESTAMPDIFF(MICROSECOND, " + from + ", " + to + ") / 1000000.0)"
+	default:
+		return "((julianday(" + to + ") - julianday(" + from + ")) * 86400.0)"
+	}
+}

@@ -27,13 +27,12 @@ type runOptions struct {
 
 const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL"
 
-// runJobs executes claimed jobs. With one job this is the strict mode: one
-// transaction per job. With several (group commit) they run one after
-// another in a shared transaction, each inside its own savepoint, so each
-// job's writes still commit atomically with its completion and a failing job
-// rolls back only its own savepoint. ctx is the tasks' context: cancelling
-// it interrupts the runs, which are rolled back and released without
-// counting the attempt.
+// runJobs executes claimed jobs; it is the one way a job runs. With one job
+// this is the strict mode: one transaction per job (runTx). With several,
+// group commit: they share transactions (runOptimistic, which falls back to
+// runTx's savepoint per job when a task fails). ctx is the tasks' context:
+// cancelling it interrupts the runs, which are rolled back and released
+// without counting the attempt.
 func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunInfo {
 	infos := make([]RunInfo, len(jobs))
 	for i, j := range jobs {
@@ -65,9 +64,9 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 	return infos
 }
 
-// runTx runs jobs[first:] in one transaction until they are done, the
-// window closes or the context ends, and returns the index of the first job
-// it did not take.
+// runTx runs jobs[first:] in one transaction, each job in its own savepoint,
+// until they are done, the window closes or the context ends, and returns
+// the index of the first job it did not take.
 func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
 	bg := context.WithoutCancel(ctx)
 	setInfo := func(k int, out Outcome, err error) {

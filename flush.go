@@ -20,7 +20,7 @@ type FlushOptions struct {
 	// most one FlushQueue runs per partition at a time, across all hosts.
 	Which, OutOf int
 	// Filter runs only jobs whose task name starts with this prefix, taken
-	// literally (% and _ are not wildcards).
+	// literally and case-sensitively (% and _ are not wildcards).
 	Filter string
 	// Queues limits the run to these queues; empty means every queue.
 	Queues []string

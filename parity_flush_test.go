@@ -1,0 +1,183 @@
+package async_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// Tasks registered under names with LIKE and GLOB wildcards and the LIKE
+// escape character.
+// Each needs a function of its own: a function registered twice takes the
+// later name.
+func init() {
+	for name, fn := range map[string]func(context.Context, *gorm.DB, string, string) error{
+		"a_b.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+		"axb.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+		"a%b.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+		"a!b.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+		"a*b.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+		"a[b.x": func(ctx context.Context, tx *gorm.DB, log, l string) error { return parityRecord(ctx, tx, log, l) },
+	} {
+		if err := async.RegisterAs(name, fn); err != nil {
+			panic(err)
+		}
+	}
+}
+
+func sorted(s []string) []string {
+	s = append([]string(nil), s...)
+	sort.Strings(s)
+	return s
+}
+
+// Point 5: --which/--outof partition by job id; which is taken modulo outof.
+func TestFlushQueuePartitionsByID(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		var odd, even []string
+		for i := 0; i < 6; i++ {
+			l := fmt.Sprint("j", i)
+			j := mustSchedule(t, d.DB, parityRecord, async.Args(log, l))
+			if j.ID%2 == 1 {
+				odd = append(odd, l)
+			} else {
+				even = append(even, l)
+			}
+		}
+		require.NotEmpty(t, odd)
+		require.NotEmpty(t, even)
+		assert.Equal(t, len(odd), flush(t, d, async.FlushOptions{Which: 1, OutOf: 2}))
+		assert.Equal(t, odd, logged(log))
+		assert.Equal(t, len(even), flush(t, d, async.FlushOptions{Which: 2, OutOf: 2}), "which=2 of 2 is which=0")
+		assert.Equal(t, sorted(append(odd, even...)), sorted(logged(log)))
+		assert.Zero(t, count(t, d.DB, "async_job", "executed IS NULL"))
+		_, err := async.FlushQueue(d.DB, async.FlushOptions{OutOf: -1})
+		assert.ErrorIs(t, err, async.ErrBadOption)
+	})
+}
+
+// Point 5: --filter is a literal, case-sensitive name prefix: % and _ (and
+// GLOB's * and [) are not wildcards, nor is the escape character.
+func TestFlushQueueFilterIsLiteralPrefix(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		for _, name := range []string{"a_b.x", "axb.x", "a%b.x", "a!b.x", "a*b.x", "a[b.x"} {
+			mustSchedule(t, d.DB, name, async.Args(log, name))
+		}
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a_b"}))
+		assert.Equal(t, []string{"a_b.x"}, logged(log))
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a%"}))
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a!b"}))
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a*"}))
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a[b"}))
+		assert.Equal(t, []string{"a_b.x", "a%b.x", "a!b.x", "a*b.x", "a[b.x"}, logged(log))
+		assert.Zero(t, flush(t, d, async.FlushOptions{Filter: "a_"}))
+		assert.Zero(t, flush(t, d, async.FlushOptions{Filter: "A"}), "the prefix is case-sensitive, like Go names")
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Filter: "a"}))
+		assert.Equal(t, "axb.x", logged(log)[5])
+	})
+}
+
+// Point 5: --jobs limits a run; zero means 300.
+func TestFlushQueueJobsLimit(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		for i := 0; i < 5; i++ {
+			mustSchedule(t, d.DB, parityRecord, async.Args(log, fmt.Sprint(i)))
+		}
+		assert.Equal(t, 2, flush(t, d, async.FlushOptions{Jobs: 2}))
+		assert.Equal(t, []string{"0", "1"}, logged(log))
+		assert.EqualValues(t, 3, count(t, d.DB, "async_job", "executed IS NULL"))
+		assert.Equal(t, 3, flush(t, d, async.FlushOptions{Jobs: 0}))
+		assert.Len(t, logged(log), 5)
+	})
+}
+
+// blockingWriter blocks its first Write until the gate is released: a
+// FlushQueue given it as Out holds its partition between a claim and the run.
+type blockingWriter struct {
+	g    *gate
+	once bool
+	w    io.Writer
+}
+
+func (b *blockingWriter) Write(p []byte) (int, error) {
+	if !b.once {
+		b.once = true
+		close(b.g.started)
+		<-b.g.release
+	}
+	if b.w != nil {
+		return b.w.Write(p)
+	}
+	return len(p), nil
+}
+
+// Point 5: a second FlushQueue on a partition held by a running one gets
+// ErrPartitionBusy at once; another partition runs meanwhile. On Postgres
+// and MySQL the partition is held by a running task blocked on a channel.
+// On SQLite a running task holds the single database writer, so everything
+// else waits for it; there the first run is held instead between its claim
+// and its task, by its Out writer.
+func TestFlushQueuePartitionBusy(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		key := freshLog(t)
+		g := newGate(key)
+		opts := async.FlushOptions{OutOf: 2, Jobs: 1}
+		var held *async.Job
+		if d.Kind == "sqlite" {
+			held = mustSchedule(t, d.DB, parityRecord, async.Args(key, "held"))
+			opts.Out = &blockingWriter{g: g}
+		} else {
+			held = mustSchedule(t, d.DB, parityBlock, async.Args(key))
+		}
+		part := int(held.ID % 2)
+		var other *async.Job
+		for other == nil || other.ID%2 == held.ID%2 {
+			other = mustSchedule(t, d.DB, parityRecord, async.Args(key, fmt.Sprint("other-", part)))
+		}
+		opts.Which = part
+		type result struct {
+			n   int
+			err error
+		}
+		first := make(chan result, 1)
+		go func() {
+			n, err := async.FlushQueue(d.DB, opts)
+			first <- result{n, err}
+		}()
+		waitStarted(t, g)
+
+		start := time.Now()
+		n, err := async.FlushQueue(d.DB, async.FlushOptions{Which: part + 2, OutOf: 2})
+		require.ErrorIs(t, err, async.ErrPartitionBusy)
+		assert.Regexp(t, `^async: `, err.Error())
+		assert.Zero(t, n)
+		assert.Less(t, time.Since(start), 10*time.Second, "a busy partition is reported at once")
+
+		n, err = async.FlushQueue(d.DB, async.FlushOptions{Which: 1 - part, OutOf: 2})
+		require.NoError(t, err, "another partition runs")
+		assert.GreaterOrEqual(t, n, 1)
+		assert.NotNil(t, jobState(t, d, other.ID).Executed)
+		assert.Nil(t, jobState(t, d, held.ID).Executed)
+
+		close(g.release)
+		r := <-first
+		require.NoError(t, r.err)
+		assert.Equal(t, 1, r.n)
+		assert.NotNil(t, jobState(t, d, held.ID).Executed)
+		// The partition is free again.
+		_, err = async.FlushQueue(d.DB, async.FlushOptions{Which: part, OutOf: 2})
+		assert.NoError(t, err)
+	})
+}
