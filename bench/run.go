@@ -50,7 +50,7 @@ func run(ctx context.Context, cfg *config) (*report, error) {
 		r.rep.Servers[kind] = e.version
 		progress("%s: %s, scratch database ready", kind, e.version)
 		d := &dbRun{runner: r, e: e, tput: map[int]*row{}}
-		if err := d.all(ctx); err != nil {
+		if err := d.all(ctx); err != nil && ctx.Err() == nil {
 			errs = append(errs, fmt.Errorf("%s: %w", kind, err))
 		}
 		e.close(cfg.keep)

@@ -79,8 +79,12 @@ func (t *sqlTrace) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, _ pgx.Trac
 var digitsRE = regexp.MustCompile(`[0-9]+`)
 
 // label turns a statement into a short name; numbers become N, so that
-// GORM's random savepoint names count as one statement.
+// GORM's random savepoint names count as one statement. Only the head of
+// the text is looked at: a ScheduleMany INSERT is hundreds of kilobytes.
 func label(sql string) string {
+	if len(sql) > 120 {
+		sql = sql[:120]
+	}
 	s := digitsRE.ReplaceAllString(strings.Join(strings.Fields(sql), " "), "N")
 	if len(s) > 48 {
 		s = s[:48] + "..."
