@@ -35,6 +35,8 @@ type env struct {
 	dir     string       // SQLite: the directory of the database file
 	version string
 	trace   *sqlTrace // Postgres with -sqltrace: traces the GORM pools
+	// afterMigrate are -after-migrate's what-if statements.
+	afterMigrate []string
 }
 
 // benchTables are dropped by reset: the library's and the bench's own.
@@ -62,6 +64,7 @@ func openEnv(ctx context.Context, cfg *config, kind string) (*env, error) {
 			return nil, err
 		}
 	}
+	e.afterMigrate = cfg.afterMigrate
 	if cfg.sqlTrace && kind == "postgres" {
 		e.trace = newSQLTrace()
 	}
@@ -213,6 +216,14 @@ func (e *env) openGorm(maxConns int, plugin *async.Plugin) (db *gorm.DB, closeFn
 	if err := db.Use(plugin); err != nil {
 		closeFn()
 		return nil, nil, fmt.Errorf("%s: installing the plugin: %w", e.kind, err)
+	}
+	if !plugin.SkipMigration {
+		for _, s := range e.afterMigrate {
+			if err := db.Exec(s).Error; err != nil {
+				closeFn()
+				return nil, nil, fmt.Errorf("%s: -after-migrate %q: %w", e.kind, s, err)
+			}
+		}
 	}
 	return db, closeFn, nil
 }

@@ -47,6 +47,7 @@ type config struct {
 	cpuprofile     string
 	profileCases   bool
 	sqlTrace       bool
+	afterMigrate   []string // what-if statements run after each migration
 	scratch        string
 	keep           bool
 }
@@ -78,6 +79,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.StringVar(&c.cpuprofile, "cpuprofile", "", "write a CPU profile of the whole run to this file")
 	fs.BoolVar(&c.profileCases, "profile-cases", false, "with -cpuprofile: one profile per case, FILE.<db>.<case>.prof")
 	fs.BoolVar(&c.sqlTrace, "sqltrace", false, "Postgres: break in-process cases down by statement (client wait per job)")
+	afterMigrate := fs.String("after-migrate", "", "what-if: SQL statements (separated by ;) run after the library migrates, e.g. a proposed index")
 	fs.StringVar(&c.scratch, "scratch", "async_bench", "name of the scratch database created on each server")
 	fs.BoolVar(&c.keep, "keep", false, "keep the scratch databases at the end")
 	if err := fs.Parse(args); err != nil {
@@ -93,6 +95,11 @@ func parseFlags(args []string) (*config, error) {
 	for _, d := range c.dbs {
 		if !slices.Contains([]string{"sqlite", "postgres", "mysql"}, d) {
 			return nil, fmt.Errorf("-db: unknown database %q", d)
+		}
+	}
+	for _, s := range strings.Split(*afterMigrate, ";") {
+		if s = strings.TrimSpace(s); s != "" {
+			c.afterMigrate = append(c.afterMigrate, s)
 		}
 	}
 	c.cases = splitList(*cases)
