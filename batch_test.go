@@ -57,18 +57,18 @@ func TestScheduleManyIsAllOrNothing(t *testing.T) {
 	})
 }
 
-var gate = struct {
+var gateChans = struct {
 	sync.Mutex
 	chans map[string]chan struct{}
 }{chans: map[string]chan struct{}{}}
 
 func gateChan(key string) chan struct{} {
-	gate.Lock()
-	defer gate.Unlock()
-	if gate.chans[key] == nil {
-		gate.chans[key] = make(chan struct{})
+	gateChans.Lock()
+	defer gateChans.Unlock()
+	if gateChans.chans[key] == nil {
+		gateChans.chans[key] = make(chan struct{})
 	}
-	return gate.chans[key]
+	return gateChans.chans[key]
 }
 
 // blockUntilOpened writes its effect, then waits until the test opens its gate.

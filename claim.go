@@ -46,17 +46,42 @@ const pendingSQL = "%[1]s.executed IS NULL AND %[1]s.cancelled IS NULL AND %[1]s
 
 func pending(alias string) string { return fmt.Sprintf(pendingSQL, alias) }
 
+// Which due jobs a claim query selects: all of them in run order, or (where
+// the server's indexes cannot serve that order, see dialect.splitClaim) only
+// the due scheduled ones or only the unscheduled ones.
+type dueSet int
+
+const (
+	dueAll dueSet = iota
+	dueScheduled
+	dueUnscheduled
+)
+
 // claimQuery builds the SELECT of claimable jobs in run order; cols is the
 // select list.
-func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string) (string, []any) {
+func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string, set dueSet) (string, []any) {
 	var b strings.Builder
 	dueBy := f.dueBy
 	if dueBy.IsZero() {
 		dueBy = now
 	}
-	args := []any{dueBy, now}
-	b.WriteString("SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j") +
-		" AND (j.scheduled IS NULL OR j.scheduled <= ?) AND (j.locked_until IS NULL OR j.locked_until < ?)")
+	var args []any
+	b.WriteString("SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j"))
+	order := p.dialect.claimOrder()
+	switch set {
+	case dueAll:
+		b.WriteString(" AND (j.scheduled IS NULL OR j.scheduled <= ?)")
+		args = append(args, dueBy)
+	case dueScheduled:
+		b.WriteString(" AND j.scheduled <= ?")
+		args = append(args, dueBy)
+		order = "j.priority DESC, j.scheduled, j.id"
+	case dueUnscheduled:
+		b.WriteString(" AND j.scheduled IS NULL")
+		order = "j.priority DESC, j.id"
+	}
+	b.WriteString(" AND (j.locked_until IS NULL OR j.locked_until < ?)")
+	args = append(args, now)
 	if len(f.queues) > 0 {
 		b.WriteString(" AND j.queue IN ?")
 		args = append(args, f.queues)
@@ -73,10 +98,32 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string) (string,
 	// A group's final job waits until every other job of its group is done.
 	b.WriteString(" AND (j.group_id IS NULL OR NOT EXISTS (SELECT 1 FROM " + groupTable + " g JOIN " + jobTable +
 		" o ON o.group_id = g.id WHERE g.id = j.group_id AND g.final_id = j.id AND o.id <> j.id AND " + pending("o") + "))")
-	b.WriteString(" ORDER BY " + p.dialect.claimOrder() + " LIMIT ?")
+	b.WriteString(" ORDER BY " + order + " LIMIT ?")
 	args = append(args, f.limit)
 	b.WriteString(p.dialect.lockClause())
 	return b.String(), args
+}
+
+// selectClaimable reads (and row-locks) up to f.limit claimable jobs in run
+// order inside the claim transaction tx.
+func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]*Job, error) {
+	var jobs []*Job
+	if !p.dialect.splitClaim() {
+		q, args := p.claimQuery(f, now, "j.*", dueAll)
+		err := tx.Raw(q, args...).Scan(&jobs).Error
+		return jobs, err
+	}
+	// Two index-ordered reads instead of one sort of every pending job.
+	for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
+		var part []*Job
+		q, args := p.claimQuery(f, now, "j.*", set)
+		if err := tx.Raw(q, args...).Scan(&part).Error; err != nil {
+			return nil, err
+		}
+		jobs = append(jobs, part...)
+	}
+	sort.Slice(jobs, func(a, b int) bool { return runsBefore(jobs[a], jobs[b]) })
+	return jobs[:min(len(jobs), f.limit)], nil
 }
 
 // claim takes up to f.limit runnable jobs for f.owner, in run order. Jobs
@@ -91,7 +138,7 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 		if p.dialect.updateReturning() {
 			// One statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
 			// SKIP LOCKED) RETURNING *.
-			sel, args := p.claimQuery(f, now, "j.id")
+			sel, args := p.claimQuery(f, now, "j.id", dueAll)
 			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" + sel + ") RETURNING *"
 			args = append([]any{f.owner, lease}, args...)
 			lazy := p.dialect.lazyCommit()
@@ -109,8 +156,8 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 			if err := p.dialect.beginWrite(tx); err != nil {
 				return err
 			}
-			q, args := p.claimQuery(f, now, "j.*")
-			if err := tx.Raw(q, args...).Scan(&jobs).Error; err != nil || len(jobs) == 0 {
+			var err error
+			if jobs, err = p.selectClaimable(tx, f, now); err != nil || len(jobs) == 0 {
 				return err
 			}
 			ids := make([]int64, len(jobs))

@@ -25,7 +25,15 @@ type runOptions struct {
 	window  time.Duration // group commit: no new job joins a transaction open longer than this
 }
 
-const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL"
+// stillPending tests a job row found by its id. It is written so that no
+// index on the three columns can serve it: on MySQL under REPEATABLE READ an
+// UPDATE that chose the pending-jobs index would hold next-key locks on it
+// for the whole job, blocking every Schedule.
+const stillPending = "COALESCE(executed, cancelled, failed) IS NULL"
+
+// fenceSQL starts a run: it re-checks the claim and locks the job's row
+// until the job's transaction ends.
+const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
 
 // runJobs executes claimed jobs; it is the one way a job runs. With one job
 // this is the strict mode: one transaction per job (runTx). With several,
@@ -115,23 +123,13 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if err := tx.SavePoint(sp).Error; err != nil {
 			return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 		}
-		taskCtx, cancel := ctx, context.CancelFunc(func() {})
-		if o.timeout > 0 {
-			taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
-		}
-		t := lookupTask(job.Name)
-		result, err, stack := p.invoke(taskCtx, tx, job, t)
-		timedOut := o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded)
-		cancel()
+		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.Rollback()
 			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
 			p.releaseUnstarted(bg, jobs[k+1:])
 			return len(jobs)
-		}
-		if timedOut {
-			err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
 		}
 		if err == nil {
 			done := p.now()
@@ -189,10 +187,7 @@ func (p *Plugin) batchWindow(ctx context.Context, jobs []*Job, first int, d time
 		w.closed = true
 		rest := jobs[w.next:]
 		w.mu.Unlock()
-		if len(rest) > 0 {
-			p.releaseUnstarted(ctx, rest)
-			p.wakers.broadcast()
-		}
+		p.releaseUnstarted(ctx, rest)
 	})
 	return w
 }
@@ -241,6 +236,26 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 		return OutcomeRetry, err
 	}
 	return outcome, err
+}
+
+// callTask runs the job's task under the per-job timeout; running out of
+// time is an error wrapping ErrTimeout.
+func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
+	taskCtx, cancel := ctx, context.CancelFunc(func() {})
+	if timeout > 0 {
+		taskCtx, cancel = context.WithTimeout(ctx, timeout)
+	}
+	defer cancel()
+	t = lookupTask(job.Name)
+	result, err, stack = p.invoke(taskCtx, tx, job, t)
+	if timeout > 0 && ctx.Err() == nil && errors.Is(taskCtx.Err(), context.DeadlineExceeded) {
+		cause := err
+		if cause == nil {
+			cause = context.DeadlineExceeded
+		}
+		err = errorf(ErrTimeout, "job %d ran longer than %s: %w", job.ID, timeout, cause)
+	}
+	return t, result, err, stack
 }
 
 // invoke calls the task, turning a panic into an error with its stack.
@@ -323,14 +338,18 @@ func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
 	}
 }
 
-// release clears a job's lease and uncounts its attempt.
+// release clears a job's lease and uncounts its attempt. Idle workers of
+// this process are woken, so that one of them takes the job at once instead
+// of at its next poll.
 func (p *Plugin) release(ctx context.Context, job *Job) {
 	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
 		job.ID, job.LockedBy, job.Attempts).Error
 	if err != nil {
 		p.Logger.Error("async: releasing job; it runs again when its lease expires", "job", job.ID, "error", err)
+		return
 	}
 	job.Started = nil
+	p.wakers.broadcast()
 }
 
 func exceptionText(err error) string {

@@ -2,7 +2,6 @@ package async
 
 import (
 	"context"
-	"errors"
 	"strings"
 	"time"
 )
@@ -55,14 +54,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		taskCtx, cancel := ctx, context.CancelFunc(func() {})
-		if o.timeout > 0 {
-			taskCtx, cancel = context.WithTimeout(ctx, o.timeout)
-		}
-		t := lookupTask(job.Name)
-		result, err, stack := p.invoke(taskCtx, tx, job, t)
-		timedOut := o.timeout > 0 && errors.Is(taskCtx.Err(), context.DeadlineExceeded)
-		cancel()
+		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
 			tx.Rollback()
 			win.stop()
@@ -72,9 +64,6 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 				infos[i].Duration = time.Since(infos[i].Started)
 			}
 			return len(jobs)
-		}
-		if timedOut {
-			err = errorf(ErrTimeout, "job %d ran longer than %s (task error: %v)", job.ID, o.timeout, err)
 		}
 		if err != nil {
 			// Record this failure on its own, then redo the others carefully.
@@ -131,7 +120,7 @@ func completeAllSQL(jobs []*Job, starts []time.Time, results []string, done time
 		b.WriteString(" WHEN ? THEN ?")
 		args = append(args, j.ID, results[i])
 	}
-	b.WriteString(" END WHERE locked_by = ? AND executed IS NULL AND cancelled IS NULL AND failed IS NULL AND (id, attempts) IN (")
+	b.WriteString(" END WHERE locked_by = ? AND " + stillPending + " AND (id, attempts) IN (")
 	args = append(args, jobs[0].LockedBy)
 	for i, j := range jobs {
 		if i > 0 {

@@ -1,0 +1,314 @@
+package async_test
+
+import (
+	"context"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/gormasync/async"
+)
+
+// runRecorder is an AfterRun hook that keeps every RunInfo.
+type runRecorder struct {
+	mu    sync.Mutex
+	infos []async.RunInfo
+	ch    chan async.RunInfo
+}
+
+func newRunRecorder() *runRecorder { return &runRecorder{ch: make(chan async.RunInfo, 100)} }
+
+func (r *runRecorder) hook(_ context.Context, info async.RunInfo) {
+	r.mu.Lock()
+	r.infos = append(r.infos, info)
+	r.mu.Unlock()
+	r.ch <- info
+}
+
+// next waits for the next run of job id and returns it.
+func (r *runRecorder) next(t testing.TB, id int64) async.RunInfo {
+	t.Helper()
+	for {
+		info := recv(t, r.ch, time.Minute, "a run to end")
+		if info.Job.ID == id {
+			return info
+		}
+	}
+}
+
+// noAsyncGoroutines checks that no goroutine runs code of package async
+// (Run has returned). A job goroutine may still be returning from its final
+// WaitGroup.Done when Run returns, hence the short grace; goleak then checks
+// for any other goroutine left behind.
+func noAsyncGoroutines(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(200 * time.Millisecond)
+	for {
+		left := asyncGoroutines()
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("goroutines running the worker's code after Run returned:\n%s", strings.Join(left, "\n\n"))
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// asyncGoroutines returns the stacks of the goroutines that are running code
+// of package async (not async_test) right now.
+func asyncGoroutines() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		for _, line := range strings.Split(g, "\n") {
+			if strings.HasPrefix(line, "github.com/gormasync/async.") {
+				out = append(out, g)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// Point 5: JobTimeout cancels the task's context, rolls its writes back and
+// records an error wrapping ErrTimeout; the job is retried later.
+func TestWorkerJobTimeout(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			rec := newRunRecorder()
+			d := newTestDB(t, kind, &async.Plugin{AfterRun: rec.hook})
+			migrateApp(t, d)
+			key := newKey(t, "slow")
+			started := make(chan int64, 10)
+			on(t, key, blockUntil(started, nil)) // returns only when cancelled
+			job := scheduleCtl(t, d.DB, key)
+			startWorker(t, d.DB, async.WorkerOptions{JobTimeout: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond})
+			recv(t, started, time.Minute, "the run to start")
+
+			info := rec.next(t, job.ID)
+			assert.Equal(t, async.OutcomeRetry, info.Outcome)
+			require.ErrorIs(t, info.Err, async.ErrTimeout)
+			assert.ErrorContains(t, info.Err, context.DeadlineExceeded.Error(), "the task saw its context end")
+			assert.ErrorIs(t, info.Err, context.DeadlineExceeded, "the task's own error stays in the chain")
+			assert.GreaterOrEqual(t, info.Duration, 300*time.Millisecond)
+
+			got := getJob(t, d.DB, job.ID)
+			assert.True(t, got.Pending())
+			assert.Equal(t, 1, got.Attempts)
+			require.NotNil(t, got.Scheduled, "rescheduled by the retry policy")
+			assert.True(t, got.Scheduled.After(d.Clock.Now()))
+			assert.Zero(t, effects(t, d.DB, key), "the task's write is rolled back")
+			var e async.JobError
+			require.NoError(t, d.DB.Where("job_id = ?", job.ID).Take(&e).Error)
+			assert.Contains(t, e.Exception, async.ErrTimeout.Error())
+			assert.Contains(t, e.Traceback, "context deadline exceeded")
+		})
+	}
+}
+
+// Point 6: after cancel the worker claims nothing new; a running job that
+// finishes within ShutdownTimeout commits; one that does not is cancelled,
+// rolled back and left runnable, its attempt uncounted and its lease
+// released; no goroutine outlives Run.
+func TestWorkerGracefulShutdown(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			rec := newRunRecorder()
+			d := newTestDB(t, kind, &async.Plugin{AfterRun: rec.hook})
+			migrateApp(t, d)
+			finKey, stubKey := newKey(t, "finisher"), newKey(t, "stubborn")
+			finStarted, finRelease := make(chan int64, 10), make(chan struct{})
+			on(t, finKey, blockUntil(finStarted, finRelease))
+			stubStarted := make(chan int64, 10)
+			on(t, stubKey, func(ctx context.Context, run int64) error {
+				stubStarted <- run
+				<-ctx.Done()
+				time.Sleep(300 * time.Millisecond) // a slow clean-up: Run must wait for it
+				return ctx.Err()
+			})
+			fin := scheduleCtl(t, d.DB, finKey, async.Priority(9))
+			stub := scheduleCtl(t, d.DB, stubKey, async.Priority(8))
+
+			// run runs a worker until the runs on waits have started, cancels
+			// it, calls whileStopping and checks that Run returns and leaves
+			// no goroutine behind.
+			run := func(concurrency int, whileStopping func(), waits ...chan int64) {
+				w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: concurrency, Lease: time.Hour,
+					PollInterval: 20 * time.Millisecond, ShutdownTimeout: 2 * time.Second})
+				require.NoError(t, err)
+				ignore := goleak.IgnoreCurrent() // the pool and the driver may stay
+				ctx, cancel := context.WithCancel(context.Background())
+				ran := make(chan error, 1)
+				go func() { ran <- w.Run(ctx) }()
+				for _, ch := range waits {
+					recv(t, ch, time.Minute, "a run to start")
+				}
+				cancel()
+				whileStopping()
+				require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+				noAsyncGoroutines(t)
+				goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/go-sql-driver/mysql.(*mysqlConn).startWatcher.func1"))
+			}
+			var late *async.Job
+			whileStopping := func() {
+				close(finRelease) // the finisher ends within the shutdown timeout
+				// Scheduled after cancel: must not be claimed. (On SQLite this
+				// waits for the finisher's transaction, the one writer.)
+				late = scheduleCtl(t, d.DB, newKey(t, "late"))
+			}
+			if kind == "sqlite" {
+				// One writer: runs are serialised, so each case gets its own Run.
+				run(1, whileStopping, finStarted)
+				run(1, func() {}, stubStarted)
+			} else {
+				run(3, whileStopping, finStarted, stubStarted)
+			}
+
+			got := getJob(t, d.DB, fin.ID)
+			assert.NotNil(t, got.Executed, "the finisher committed")
+			assert.EqualValues(t, 1, effects(t, d.DB, finKey))
+
+			got = getJob(t, d.DB, stub.ID)
+			assert.True(t, got.Pending())
+			assert.Nil(t, got.Started)
+			assert.Zero(t, got.Attempts, "an interrupted run does not count")
+			assert.Empty(t, got.LockedBy, "the lease is released")
+			assert.Nil(t, got.LockedUntil)
+			assert.Zero(t, effects(t, d.DB, stubKey), "the interrupted run is rolled back")
+			info := rec.next(t, stub.ID)
+			assert.Equal(t, async.OutcomeInterrupted, info.Outcome)
+			assert.ErrorIs(t, info.Err, context.Canceled)
+			assert.Zero(t, count(t, d.DB, "async_error", ""), "an interruption is not a failure")
+
+			// Scheduled after cancel: never claimed.
+			lateJob := getJob(t, d.DB, late.ID)
+			assert.Zero(t, lateJob.Attempts)
+			assert.Empty(t, lateJob.LockedBy)
+
+			// Another worker runs the interrupted job at once (its lease of
+			// an hour would otherwise hold it back).
+			on(t, stubKey, func(context.Context, int64) error { return nil })
+			startWorker(t, d.DB, async.WorkerOptions{PollInterval: time.Hour})
+			waitJob(t, d.DB, stub.ID, time.Minute, "executed by the next worker", executed)
+			waitJob(t, d.DB, lateJob.ID, time.Minute, "executed by the next worker", executed)
+		})
+	}
+}
+
+// Point 6: the job a stopping worker gives back is taken at once by a worker
+// that is running (idle, polling once an hour) in the same process.
+func TestWorkerShutdownHandsInterruptedJobToRunningWorker(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		key := newKey(t, "handover")
+		started := make(chan int64, 10)
+		on(t, key, func(ctx context.Context, run int64) error {
+			if run > 1 {
+				return nil
+			}
+			started <- run
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		job := scheduleCtl(t, d.DB, key, async.Priority(10))
+		probe := scheduleCtl(t, d.DB, newKey(t, "probe"), async.Priority(1))
+
+		stopA := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, Lease: time.Hour,
+			PollInterval: 20 * time.Millisecond, ShutdownTimeout: 100 * time.Millisecond})
+		recv(t, started, time.Minute, "the first run to start")
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, PollInterval: time.Hour})
+		if d.Kind != "sqlite" {
+			// B's first claims are done and it is idle (on SQLite its claim
+			// waits for A's run to end instead).
+			waitJob(t, d.DB, probe.ID, time.Minute, "probe executed by B", executed)
+		}
+		stopA()
+		got := waitJob(t, d.DB, job.ID, time.Minute, "executed by B", executed)
+		assert.Equal(t, 1, got.Attempts, "A's interrupted run did not count")
+		assert.EqualValues(t, 2, runCount(key))
+		assert.EqualValues(t, 1, effects(t, d.DB, key))
+		waitJob(t, d.DB, probe.ID, time.Minute, "probe executed", executed)
+	})
+}
+
+// Point 6: an idle worker (on Postgres, listening) stops at once when
+// cancelled, and leaves no goroutine behind.
+func TestIdleWorkerStopsWithoutLeaks(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		sentinel := scheduleCtl(t, d.DB, newKey(t, "sentinel"))
+		w, err := async.NewWorker(d.DB, async.WorkerOptions{PollInterval: time.Hour})
+		require.NoError(t, err)
+		ignore := goleak.IgnoreCurrent()
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- w.Run(ctx) }()
+		waitJob(t, d.DB, sentinel.ID, time.Minute, "the sentinel executed", executed)
+		if d.Kind == "postgres" {
+			waitFor(t, time.Minute, "the worker to LISTEN", func() bool {
+				return count(t, d.DB, "pg_stat_activity", "datname = current_database() AND state = 'idle' AND query = ?", "LISTEN async_job") == 1
+			})
+		}
+		require.NotEmpty(t, asyncGoroutines(), "the running worker's goroutines are seen")
+		cancel()
+		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+		noAsyncGoroutines(t)
+		goleak.VerifyNone(t, ignore, goleak.IgnoreTopFunction("github.com/go-sql-driver/mysql.(*mysqlConn).startWatcher.func1"))
+	})
+}
+
+// Point 6: a job claimed but not started when the shutdown timeout ends (on
+// SQLite, queued behind the one writer) is given back without running its
+// task: no task starts after the worker's deadline.
+func TestWorkerDoesNotStartJobsAfterShutdownTimeout(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		keys := []string{newKey(t, "a"), newKey(t, "b")}
+		started := make(chan int64, 10)
+		var jobs []*async.Job
+		for _, k := range keys {
+			on(t, k, blockUntil(started, nil)) // both run until cancelled
+			jobs = append(jobs, scheduleCtl(t, d.DB, k))
+		}
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, Lease: time.Hour,
+			PollInterval: 20 * time.Millisecond, ShutdownTimeout: 200 * time.Millisecond})
+		recv(t, started, time.Minute, "a job to start")
+		running := 1
+		if d.Kind != "sqlite" {
+			recv(t, started, time.Minute, "the other job to start")
+			running = 2
+		}
+		// On SQLite the other job is claimed and waits for the writer lock,
+		// which the running job keeps until the shutdown timeout ends.
+		stop()
+		var runs int64
+		for _, k := range keys {
+			runs += runCount(k)
+		}
+		assert.EqualValues(t, running, runs, "a task started after the shutdown timeout")
+		for _, j := range jobs {
+			got := getJob(t, d.DB, j.ID)
+			assert.True(t, got.Pending())
+			assert.Zero(t, got.Attempts, "job %d is given back", j.ID)
+			assert.Empty(t, got.LockedBy)
+			assert.Nil(t, got.LockedUntil)
+		}
+		assert.Zero(t, count(t, d.DB, "effects", ""))
+	})
+}
