@@ -1,0 +1,125 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// Claim cost as the table grows: the time per claim+execute of a no-op job
+// (FlushQueue, one job per claim, in order) with few and with many finished
+// jobs in async_job. Finished rows are bulk-loaded; Postgres and MySQL then
+// get fresh planner statistics, as autovacuum / InnoDB would give them.
+
+const claimWarmJobs = 20
+
+func (d *dbRun) claimCases(ctx context.Context) error {
+	e, cfg, kind := d.e, d.cfg, d.e.kind
+	if err := e.reset(ctx); err != nil {
+		return err
+	}
+	var n atomicCounter
+	db, closeDB, err := e.openGorm(4, countingPlugin(&n.Int64, false))
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	raw, err := e.openRaw(2)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	var base *row
+	have := 0
+	for _, rows := range cfg.claimRows {
+		if rows > have {
+			if err := loadFinished(ctx, e, raw, rows-have); err != nil {
+				return err
+			}
+			have = rows
+		}
+		if err := e.analyze(ctx); err != nil {
+			return err
+		}
+		per, err := d.claimCost(ctx, db, raw)
+		if err != nil {
+			return err
+		}
+		name := fmt.Sprintf("claim+execute, %s finished rows", count(rows))
+		var tgt *target
+		if base != nil {
+			tgt = ratioAtMost(1.5)
+		}
+		x := d.rep.add(kind, name, per, "ms/job", base, fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue)", claimRounds, cfg.claimJobs/claimRounds), tgt)
+		if base == nil {
+			base = x
+		}
+	}
+	return nil
+}
+
+// loadFinished bulk-loads n executed no-op jobs, reporting progress.
+func loadFinished(ctx context.Context, e *env, raw *sql.DB, n int) error {
+	const chunk = 100_000
+	start := time.Now()
+	for done := 0; done < n; done += chunk {
+		if err := e.bulkJobs(ctx, raw, taskNoop, 0, min(chunk, n-done), true); err != nil {
+			return err
+		}
+		if n > chunk {
+			progress("%s: loaded %s of %s finished jobs", e.kind, count(min(done+chunk, n)), count(n))
+		}
+	}
+	progress("%s: loaded %s finished jobs in %s", e.kind, count(n), time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// claimRounds is how many times each claim cost is measured; the median counts.
+const claimRounds = 3
+
+// claimCost adds -claim-jobs pending no-op jobs and runs them one by one
+// through FlushQueue on the default queue (the worker's claim query), in
+// claimRounds rounds; it returns the median milliseconds per job.
+func (d *dbRun) claimCost(ctx context.Context, db *gorm.DB, raw *sql.DB) (float64, error) {
+	per := d.cfg.claimJobs / claimRounds
+	if err := d.e.bulkJobs(ctx, raw, taskNoop, 0, claimWarmJobs+per*claimRounds, false); err != nil {
+		return 0, err
+	}
+	h := db.WithContext(ctx)
+	queues := []string{async.DefaultQueue}
+	if _, err := async.FlushQueue(h, async.FlushOptions{Jobs: claimWarmJobs, Queues: queues}); err != nil {
+		return 0, err
+	}
+	stop := d.profileCase(fmt.Sprintf("claim %d", d.cfg.claimJobs))
+	defer stop()
+	var ms []float64
+	for i := 0; i < claimRounds; i++ {
+		start := time.Now()
+		ran, err := async.FlushQueue(h, async.FlushOptions{Jobs: per, Queues: queues})
+		elapsed := time.Since(start)
+		if err != nil {
+			return 0, err
+		}
+		if ran != per {
+			return 0, fmt.Errorf("FlushQueue ran %d of %d jobs", ran, per)
+		}
+		ms = append(ms, float64(elapsed)/float64(time.Millisecond)/float64(ran))
+	}
+	return percentiles(ms, 0.5)[0], nil
+}
+
+// count writes 10000 as 10k and 1000000 as 1M.
+func count(n int) string {
+	switch {
+	case n >= 1_000_000 && n%1_000_000 == 0:
+		return fmt.Sprintf("%dM", n/1_000_000)
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dk", n/1000)
+	}
+	return fmt.Sprint(n)
+}

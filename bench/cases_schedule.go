@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// Scheduling: jobs/s of async.Schedule, one job per transaction and many
+// jobs in one transaction, next to raw database/sql inserts of the same rows
+// into a copy of async_job, at the same concurrency. Each pair runs back to
+// back on fresh tables.
+
+func (d *dbRun) scheduleCases(ctx context.Context) error {
+	conc := []int{1}
+	if d.best > 1 {
+		conc = append(conc, d.best)
+	}
+	for _, c := range conc {
+		if err := d.scheduleAt(ctx, c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
+	e, cfg, kind := d.e, d.cfg, d.e.kind
+	if err := e.reset(ctx); err != nil {
+		return err
+	}
+	var n atomicCounter
+	db, closeDB, err := e.openGorm(c+2, countingPlugin(&n.Int64, false))
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	if err := e.createRawTable(ctx); err != nil {
+		return fmt.Errorf("creating bench_raw: %w", err)
+	}
+	pg := kind == "postgres"
+	onPG := func(t *target) *target {
+		if pg {
+			return t
+		}
+		return nil
+	}
+
+	raw1, rawNote1, err := rawInsertRate(ctx, e, c, 1, cfg.duration)
+	if err != nil {
+		return fmt.Errorf("raw insert: %w", err)
+	}
+	base1 := d.rep.add(kind, fmt.Sprintf("raw insert+commit c=%d", c), raw1, "jobs/s", nil, "baseline; "+rawNote1)
+	stop := d.profileCase(fmt.Sprintf("schedule-1 c=%d", c))
+	e.trace.start()
+	lib1, note1, err := loopCPU(ctx, c, cfg.duration, func(ctx context.Context, _ int) (int, error) {
+		return 1, db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+			_, err := async.Schedule(tx, taskNoop)
+			return err
+		})
+	})
+	stop()
+	if err != nil {
+		return fmt.Errorf("schedule one per tx: %w", err)
+	}
+	d.rep.trace(kind, fmt.Sprintf("schedule 1 job/tx c=%d", c), e.trace.stop(int64(lib1*cfg.duration.Seconds())))
+	d.rep.add(kind, fmt.Sprintf("schedule 1 job/tx c=%d", c), lib1, "jobs/s", base1, note1, onPG(ratioAtLeast(0.9)))
+	if pg {
+		// What the library's NOTIFY trigger costs: the same raw loop with
+		// the trigger on bench_raw (NOTIFY serialises commits on Postgres).
+		if err := e.rawNotifyTrigger(ctx, true); err != nil {
+			return err
+		}
+		rawN, rawNoteN, err := rawInsertRate(ctx, e, c, 1, cfg.duration)
+		if err != nil {
+			return fmt.Errorf("raw insert with NOTIFY: %w", err)
+		}
+		d.rep.add(kind, fmt.Sprintf("raw insert+commit, NOTIFY trigger c=%d", c), rawN, "jobs/s", base1, "diagnostic; "+rawNoteN)
+		if err := e.rawNotifyTrigger(ctx, false); err != nil {
+			return err
+		}
+	}
+
+	k := cfg.schedBatch
+	rawK, rawNoteK, err := rawInsertRate(ctx, e, c, k, cfg.duration)
+	if err != nil {
+		return fmt.Errorf("raw multi-row insert: %w", err)
+	}
+	if r := e.rawRowsPerStmt(k); r < k {
+		rawNoteK = fmt.Sprintf("%d rows per statement; %s", r, rawNoteK)
+	}
+	baseK := d.rep.add(kind, fmt.Sprintf("raw %d-row insert/tx c=%d", k, c), rawK, "jobs/s", nil, "baseline; "+rawNoteK)
+	stop = d.profileCase(fmt.Sprintf("schedule-%d c=%d", k, c))
+	e.trace.start()
+	libK, noteK, err := loopCPU(ctx, c, cfg.duration, func(ctx context.Context, _ int) (int, error) {
+		return k, db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+			calls := make([]async.Call, k)
+			for i := range calls {
+				calls[i] = async.Task(taskNoop)
+			}
+			_, err := async.ScheduleMany(tx, calls...)
+			return err
+		})
+	})
+	stop()
+	if err != nil {
+		return fmt.Errorf("schedule many per tx: %w", err)
+	}
+	d.rep.trace(kind, fmt.Sprintf("ScheduleMany %d jobs/tx c=%d", k, c), e.trace.stop(int64(libK*cfg.duration.Seconds())))
+	d.rep.add(kind, fmt.Sprintf("ScheduleMany %d jobs/tx c=%d", k, c), libK, "jobs/s", baseK, noteK,
+		onPG(ratioAtLeast(0.8)), onPG(valueAtLeast(40000, "jobs/s")))
+	return nil
+}

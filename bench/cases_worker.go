@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// Worker throughput: jobs/s of workers draining a queue kept about
+// -queue-depth deep by a feeder, for a no-op task and a task that inserts
+// one row, at several concurrencies, in this process or split over two
+// child processes, strict (one job per transaction) or with group commit.
+// Each figure is compared with the throughput baseline (pgbench -N TPS on
+// Postgres, the raw one-row-update-and-commit loop elsewhere) at the same
+// total concurrency.
+
+// throughputPoll is the workers' poll interval: short, so that a worker
+// never idles long on a database that cannot wake it (the feeder's raw
+// inserts wake no one but Postgres listeners).
+const throughputPoll = 20 * time.Millisecond
+
+type workerCase struct {
+	task  string
+	conc  int // total job slots, split evenly over procs
+	procs int // 1: in this process; more: child processes
+	batch int // jobs per transaction (WorkerOptions.BatchSize); 1 is strict mode
+}
+
+func (w workerCase) String() string {
+	return fmt.Sprintf("worker %s c=%d procs=%d K=%d", strings.TrimPrefix(w.task, "bench."), w.conc, w.procs, w.batch)
+}
+
+func (d *dbRun) workerCases(ctx context.Context) error {
+	kind := d.e.kind
+	conc := d.concurrencies()
+	if kind == "sqlite" {
+		// SQLite has one writer: jobs run one at a time whatever the
+		// concurrency, so two concurrencies show it.
+		conc = slices.DeleteFunc(conc, func(c int) bool { return c != 1 && c != 4 && c != d.best })
+	}
+	batches := []int{1}
+	if d.cfg.batchK > 1 {
+		batches = append(batches, d.cfg.batchK)
+	}
+	for _, c := range conc {
+		// The baseline again, right before the cases compared with it: the
+		// machine's load drifts during a run.
+		base, err := d.measureBase(ctx, c, " (adjacent)")
+		if err != nil {
+			return err
+		}
+		for _, batch := range batches {
+			for _, task := range []string{taskNoop, taskInsert} {
+				for _, procs := range []int{1, 2} {
+					if c < procs {
+						continue
+					}
+					wc := workerCase{task: task, conc: c, procs: procs, batch: batch}
+					rate, note, err := d.workerRate(ctx, wc)
+					if err != nil {
+						if ctx.Err() != nil {
+							return err
+						}
+						d.rep.fail(kind, wc.String(), err)
+						continue
+					}
+					d.rep.add(kind, wc.String(), rate, "jobs/s", base, note, d.workerTarget(wc))
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// workerTarget is the target for a worker figure, if it has one.
+func (d *dbRun) workerTarget(wc workerCase) *target {
+	switch d.e.kind {
+	case "postgres":
+		if wc.conc != d.best {
+			return nil
+		}
+		if wc.batch > 1 {
+			return ratioAtLeast(5)
+		}
+		return ratioAtLeast(1)
+	case "mysql":
+		if wc.task == taskNoop && wc.batch == 1 {
+			return ratioAtLeast(1)
+		}
+	case "sqlite":
+		if wc.task == taskNoop && wc.batch == 1 && wc.procs == 1 {
+			return valueAtLeast(3000, "jobs/s")
+		}
+	}
+	return nil
+}
+
+// workerRate runs one throughput case on fresh tables.
+func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, note string, err error) {
+	e, cfg := d.e, d.cfg
+	if err := e.reset(ctx); err != nil {
+		return 0, "", err
+	}
+	var n atomicCounter
+	db, closeDB, err := e.openGorm(wc.conc+4, countingPlugin(&n.Int64, false))
+	if err != nil {
+		return 0, "", err
+	}
+	defer closeDB()
+	if wc.task == taskInsert {
+		if err := e.createEffectTable(ctx); err != nil {
+			return 0, "", err
+		}
+	}
+	raw, err := e.openRaw(2)
+	if err != nil {
+		return 0, "", err
+	}
+	defer raw.Close()
+
+	var count func() int64
+	var stopWorkers func() error
+	var kids children
+	if wc.procs == 1 {
+		w, err := newWorker(db, wc.conc, wc.batch, throughputPoll)
+		if err != nil {
+			return 0, "", err
+		}
+		wctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- w.Run(wctx) }()
+		count = n.get
+		stopWorkers = func() error { cancel(); return <-done }
+	} else {
+		kids, err = d.startWorkerChildren(ctx, wc, throughputPoll)
+		if err != nil {
+			return 0, "", err
+		}
+		count = kids.executed
+		stopWorkers = kids.stop
+	}
+	f := newFeeder(e, raw, wc.task, cfg.queueDepth, 0, count)
+	ferr := f.start(ctx)
+	if ferr == nil {
+		pause(ctx, warmup(cfg.duration))
+		stop := func() {}
+		if wc.procs == 1 {
+			stop = d.profileCase(wc.String())
+		}
+		k0, n0 := kids.cpu(), count()
+		if wc.procs == 1 {
+			e.trace.start()
+		}
+		rate, note, err = rateOver(ctx, cfg.duration, count, wc.procs == 1)
+		k1, n1 := kids.cpu(), count()
+		if len(kids) > 0 && n1 > n0 {
+			note = fmt.Sprintf("workers %.0fµs cpu/job; %s", float64((k1-k0).Microseconds())/float64(n1-n0), note)
+		}
+		if wc.procs == 1 {
+			d.rep.trace(e.kind, wc.String(), e.trace.stop(n1-n0))
+		}
+		stop()
+		ferr = f.halt()
+	}
+	if serr := stopWorkers(); err == nil {
+		err = serr
+	}
+	if err == nil {
+		err = ferr
+	}
+	if err == nil && rate == 0 {
+		err = fmt.Errorf("no job ran in %s", cfg.duration)
+	}
+	return rate, note, err
+}
+
+// newWorker makes a worker; batch > 1 is group commit (WorkerOptions.BatchSize).
+func newWorker(db *gorm.DB, concurrency, batch int, poll time.Duration) (*async.Worker, error) {
+	return async.NewWorker(db, async.WorkerOptions{
+		Concurrency:     concurrency,
+		BatchSize:       batch,
+		PollInterval:    poll,
+		ShutdownTimeout: 10 * time.Second,
+	})
+}
+
+// children is a set of child worker processes.
+type children []*child
+
+func (ks children) executed() int64 {
+	var n int64
+	for _, k := range ks {
+		n += k.executed.Load()
+	}
+	return n
+}
+
+// cpu is the children's CPU time, as they last reported it.
+func (ks children) cpu() time.Duration {
+	var t time.Duration
+	for _, k := range ks {
+		t += time.Duration(k.cpuUS.Load()) * time.Microsecond
+	}
+	return t
+}
+
+func (ks children) stop() error {
+	var first error
+	for _, k := range ks {
+		if err := k.stop(30 * time.Second); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// startWorkerChildren starts wc.procs child workers sharing wc.conc slots.
+func (d *dbRun) startWorkerChildren(ctx context.Context, wc workerCase, poll time.Duration) (children, error) {
+	var ks children
+	for i := 0; i < wc.procs; i++ {
+		c := wc.conc / wc.procs
+		if i < wc.conc%wc.procs {
+			c++
+		}
+		k, err := startChild(childSpec{Mode: "worker", Kind: d.e.kind, DSN: d.e.dsn, Task: wc.task,
+			Concurrency: c, BatchSize: wc.batch, PollInterval: poll}, nil)
+		if err == nil {
+			ks = append(ks, k)
+			err = k.waitReady(ctx, 30*time.Second)
+		}
+		if err != nil {
+			_ = ks.stop()
+			return nil, err
+		}
+	}
+	return ks, nil
+}
