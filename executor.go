@@ -14,10 +14,8 @@ import (
 
 // Execution: each job runs in its own transaction (the reference's
 // commit_on_success). The task's writes through tx commit together with the
-// job's completion; a failure rolls them back to a savepoint taken before the
-// task (Postgres aborts a transaction after a failed statement, so the
-// savepoint is what lets the failure be recorded in the same transaction),
-// records the error with its stack and reschedules the job.
+// job's completion; a failure rolls them back, records the error with its
+// stack and reschedules the job.
 
 // runOptions tune one run.
 type runOptions struct {
@@ -119,9 +117,18 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			continue
 		}
 		job.Started = &now
+		// Several jobs in one transaction: each runs in a savepoint, so that
+		// a failure rolls back only its own job and can be recorded in the
+		// same transaction (Postgres aborts a transaction after a failed
+		// statement; rolling back to the savepoint revives it). A job alone
+		// in its transaction needs none: its failure rolls the transaction
+		// back and is recorded in a fresh one that re-checks the claim.
+		shared := len(jobs)-first > 1
 		sp := fmt.Sprintf("async_job_%d", k-first)
-		if err := tx.SavePoint(sp).Error; err != nil {
-			return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
+		if shared {
+			if err := tx.SavePoint(sp).Error; err != nil {
+				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
+			}
 		}
 		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
@@ -141,6 +148,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			setInfo(k, OutcomeExecuted, nil)
 			inTx = append(inTx, k)
 			continue
+		}
+		if !shared {
+			return abort(k, t, err, stack) // rolls back, records the failure apart
 		}
 		if rb := tx.RollbackTo(sp).Error; rb != nil {
 			return abort(k, t, err, stack)
