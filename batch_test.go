@@ -1,10 +1,8 @@
 package async_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
@@ -57,36 +55,6 @@ func TestScheduleManyIsAllOrNothing(t *testing.T) {
 	})
 }
 
-var gateChans = struct {
-	sync.Mutex
-	chans map[string]chan struct{}
-}{chans: map[string]chan struct{}{}}
-
-func gateChan(key string) chan struct{} {
-	gateChans.Lock()
-	defer gateChans.Unlock()
-	if gateChans.chans[key] == nil {
-		gateChans.chans[key] = make(chan struct{})
-	}
-	return gateChans.chans[key]
-}
-
-// blockUntilOpened writes its effect, then waits until the test opens its gate.
-func blockUntilOpened(ctx context.Context, tx *gorm.DB, key string) error {
-	countRun(key)
-	if err := tx.Create(&Effect{K: key}).Error; err != nil {
-		return err
-	}
-	select {
-	case <-gateChan(key):
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-func init() { async.MustRegister(blockUntilOpened) }
-
 // Group commit: each job's writes commit with its completion; a failing job
 // rolls back only its own savepoint.
 func TestGroupCommitIsolatesFailures(t *testing.T) {
@@ -125,13 +93,15 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		slow := fmt.Sprintf("slow-%s-%d", d.Kind, time.Now().UnixNano())
+		release := make(chan struct{})
+		on(t, slow, blockUntil(make(chan int64, 10), release))
 		if d.Kind == "sqlite" {
 			// One writer: the slow job's transaction holds the database, so
 			// nothing else commits until it ends. What must still hold: the
 			// window's release and the batch never run a job twice.
-			close(gateChan(slow))
+			close(release)
 		}
-		calls := []async.Call{async.Task(blockUntilOpened, async.Args(slow), async.Priority(9))}
+		calls := []async.Call{async.Task(ctlTask, async.Args(slow), async.Priority(9))}
 		for i := 0; i < 5; i++ {
 			calls = append(calls, async.Task(writeEffect, async.Args(fmt.Sprintf("%s-%d", slow, i), i)))
 		}
@@ -144,7 +114,7 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 				return count(t, d.DB, "async_job", "executed IS NOT NULL") == 5
 			})
 			assert.EqualValues(t, 0, count(t, d.DB, "effects", "k = ?", slow), "the slow job has not committed")
-			close(gateChan(slow))
+			close(release)
 		}
 		waitFor(t, 30*time.Second, "the slow job to finish", func() bool {
 			return count(t, d.DB, "async_job", "executed IS NOT NULL") == 6
