@@ -83,8 +83,10 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string, set dueS
 	b.WriteString(" AND (j.locked_until IS NULL OR j.locked_until < ?)")
 	args = append(args, now)
 	if len(f.queues) > 0 {
-		b.WriteString(" AND j.queue IN ?")
-		args = append(args, f.queues)
+		b.WriteString(" AND j.queue IN (?" + strings.Repeat(", ?", len(f.queues)-1) + ")")
+		for _, q := range f.queues {
+			args = append(args, q)
+		}
 	}
 	if f.prefix != "" {
 		cond, arg := p.dialect.namePrefix("j.name", f.prefix)
@@ -107,17 +109,16 @@ func (p *Plugin) claimQuery(f *claimFilter, now time.Time, cols string, set dueS
 // selectClaimable reads (and row-locks) up to f.limit claimable jobs in run
 // order inside the claim transaction tx.
 func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]*Job, error) {
-	var jobs []*Job
 	if !p.dialect.splitClaim() {
 		q, args := p.claimQuery(f, now, "j.*", dueAll)
-		err := tx.Raw(q, args...).Scan(&jobs).Error
-		return jobs, err
+		return p.queryJobs(tx, q, args...)
 	}
 	// Two index-ordered reads instead of one sort of every pending job.
+	var jobs []*Job
 	for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
-		var part []*Job
 		q, args := p.claimQuery(f, now, "j.*", set)
-		if err := tx.Raw(q, args...).Scan(&part).Error; err != nil {
+		part, err := p.queryJobs(tx, q, args...)
+		if err != nil {
 			return nil, err
 		}
 		jobs = append(jobs, part...)
@@ -139,18 +140,16 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 			// One statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
 			// SKIP LOCKED) RETURNING *.
 			sel, args := p.claimQuery(f, now, "j.id", dueAll)
-			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" + sel + ") RETURNING *"
-			args = append([]any{f.owner, lease}, args...)
-			lazy := p.dialect.lazyCommit()
-			if lazy == "" {
-				return p.session(ctx).Raw(q, args...).Scan(&jobs).Error
+			lazy, ret := p.dialect.lazyCommitFrom(), "*"
+			if lazy != "" {
+				ret = jobTable + ".*" // not the FROM item's column
 			}
-			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
-				if err := tx.Exec(lazy).Error; err != nil {
-					return err
-				}
-				return tx.Raw(q, args...).Scan(&jobs).Error
-			})
+			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ?" + lazy +
+				" WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + ret
+			args = append([]any{f.owner, lease}, args...)
+			var err error
+			jobs, err = p.queryJobs(p.session(ctx), q, args...)
+			return err
 		}
 		return p.session(ctx).Transaction(func(tx *gorm.DB) error {
 			if err := p.dialect.beginWrite(tx); err != nil {
@@ -166,8 +165,13 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 				j.Attempts++
 				j.LockedBy, j.LockedUntil = f.owner, &lease
 			}
-			return tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN ?",
-				f.owner, lease, ids).Error
+			q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (?" + strings.Repeat(", ?", len(ids)-1) + ")"
+			args := []any{f.owner, lease}
+			for _, id := range ids {
+				args = append(args, id)
+			}
+			_, err = p.execHot(tx, q, args...)
+			return err
 		}, p.dialect.claimTxOptions())
 	})
 	if err != nil {

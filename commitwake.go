@@ -21,16 +21,17 @@ type wakePool struct {
 // installCommitWake wraps db's pool. Pools other than a plain *sql.DB (for
 // example GORM's prepared-statement mode) are left as they are: workers then
 // rely on NOTIFY and polling.
-func installCommitWake(db *gorm.DB, p *Plugin) {
+func installCommitWake(db *gorm.DB, p *Plugin) *sql.DB {
 	sqlDB, ok := db.ConnPool.(*sql.DB)
 	if !ok {
-		return
+		return nil
 	}
 	wp := &wakePool{DB: sqlDB, p: p}
 	db.ConnPool = wp
 	if db.Statement != nil && db.Statement.ConnPool == sqlDB {
 		db.Statement.ConnPool = wp
 	}
+	return sqlDB
 }
 
 // GetDBConn lets gorm.DB.DB() find the *sql.DB.
@@ -72,6 +73,8 @@ func (p *Plugin) afterCreate(db *gorm.DB) {
 	switch c := db.Statement.ConnPool.(type) {
 	case *wakeTx:
 		c.hasJobs.Store(true)
+	case *runConn:
+		c.hasJobs.Store(true) // a task scheduled jobs: wake at the run's commit
 	case gorm.TxCommitter:
 		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
 	default:

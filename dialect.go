@@ -33,6 +33,9 @@ type dialect struct {
 	// singleWriter is true for SQLite: one write transaction at a time, so the
 	// plugin serialises its own writers in-process.
 	singleWriter bool
+	// pipeline is true on Postgres through pgx: a run's BEGIN and COMMIT
+	// travel with its first and last statements (dialect_pgx.go).
+	pipeline bool
 }
 
 // DialectInfo describes the database the plugin detected.
@@ -107,6 +110,13 @@ func parseVersion(v string) (int, int) {
 
 func versionMinor(v string) int { _, b := parseVersion(v); return b }
 
+// prepareHot reports whether the library's hot-path statements should be
+// prepared once per connection (hotsql.go). MySQL's driver otherwise
+// prepares, runs and closes every statement with arguments (two round
+// trips); SQLite otherwise parses each one again. pgx caches prepared
+// statements by itself.
+func (d *dialect) prepareHot() bool { return d.kind != kindPostgres }
+
 // lockClause is appended to the claim's SELECT.
 func (d *dialect) lockClause() string {
 	switch {
@@ -159,14 +169,16 @@ func (d *dialect) timeParam() string {
 // claim. Each half, though, is in the order of async_job_pending.
 func (d *dialect) splitClaim() bool { return d.kind == kindMySQL }
 
-// lazyCommit, run first in a transaction, lets its commit return before its
-// WAL is flushed to disk. Claims use it on Postgres: a claim lost in a server
-// crash only makes its jobs claimable again, and the durable commit of any
-// later job flushes the claims before it. MySQL has no per-transaction
-// equivalent.
-func (d *dialect) lazyCommit() string {
+// lazyCommitFrom, added to an UPDATE run on its own (autocommit), lets its
+// commit return before its WAL is flushed to disk: set_config(..., true)
+// lasts for the statement's implicit transaction, and the commit reads the
+// setting. Claims use it on Postgres: a claim lost in a server crash only
+// makes its jobs claimable again, and the durable commit of any later job
+// flushes the claims before it. It saves the round trips of BEGIN, SET
+// LOCAL and COMMIT. MySQL has no per-transaction equivalent.
+func (d *dialect) lazyCommitFrom() string {
 	if d.kind == kindPostgres {
-		return "SET LOCAL synchronous_commit = off"
+		return " FROM (SELECT set_config('synchronous_commit', 'off', true)) AS lazy_commit"
 	}
 	return ""
 }
@@ -189,7 +201,15 @@ func (d *dialect) beginWrite(tx *gorm.DB) error {
 	if !d.singleWriter {
 		return nil
 	}
-	return tx.Exec("UPDATE " + lockTable + " SET owner = owner WHERE 1 = 0").Error
+	return tx.Exec(d.beginWriteSQL()).Error
+}
+
+// beginWriteSQL is beginWrite's statement, or "" where none is needed.
+func (d *dialect) beginWriteSQL() string {
+	if !d.singleWriter {
+		return ""
+	}
+	return "UPDATE " + lockTable + " SET owner = owner WHERE 1 = 0"
 }
 
 // claimTxOptions avoids InnoDB gap locks: under REPEATABLE READ a locking

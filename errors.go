@@ -55,6 +55,9 @@ var (
 	// ErrPartitionBusy is returned by FlushQueue when another run already holds
 	// the same --which/--outof partition.
 	ErrPartitionBusy = errors.New("async: another flush_queue holds this partition")
+	// ErrJobTransaction is returned when a task tries to commit or roll back
+	// its job's transaction, which commits with the job's completion.
+	ErrJobTransaction = errors.New("async: the job's transaction belongs to its run")
 	// ErrUnknownAlgorithm is returned for an unknown estimation algorithm.
 	ErrUnknownAlgorithm = errors.New("async: unknown estimation algorithm")
 )

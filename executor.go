@@ -70,27 +70,29 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 	return infos
 }
 
+// completeSQL marks a job executed. The job's row is locked by its fence,
+// so the claim needs no re-check.
+const completeSQL = "UPDATE " + jobTable + " SET executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?"
+
 // runTx runs jobs[first:] in one transaction, each job in its own savepoint,
 // until they are done, the window closes or the context ends, and returns
-// the index of the first job it did not take.
+// the index of the first job it did not take. The transaction begins with
+// the first job's fence and commits with the last job's completion (on
+// Postgres, one round trip each).
 func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
 	bg := context.WithoutCancel(ctx)
 	setInfo := func(k int, out Outcome, err error) {
 		infos[k].Outcome, infos[k].Err = out, err
 		infos[k].Duration = time.Since(infos[k].Started)
 	}
-	tx := p.session(bg).Begin()
-	if tx.Error != nil {
-		infos[first].Started = time.Now()
-		out, err := p.afterBrokenTx(bg, jobs[first], nil, fmt.Errorf("async: beginning job transaction: %w", tx.Error), "")
-		setInfo(first, out, err)
-		return first + 1
-	}
+	var tx *runTxn
 	var inTx []int // jobs whose outcome commits with tx
 	// abort rolls the transaction back: job k's failure is recorded apart;
 	// the others that ran in it are given back to run again.
 	abort := func(k int, t *task, err error, stack string) int {
-		tx.Rollback()
+		if tx != nil {
+			tx.rollback()
+		}
 		p.releaseAll(bg, jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
 		out, err := p.afterBrokenTx(bg, jobs[k], t, err, stack)
 		setInfo(k, out, err)
@@ -100,6 +102,16 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	// by then go back to the queue, at once, even while a slow job runs.
 	win := p.batchWindow(bg, jobs, first, o.window)
 	defer win.stop()
+	shared := len(jobs)-first > 1
+	// The last job's completion is sent with the COMMIT.
+	var lastDone struct {
+		k      int
+		at     time.Time
+		result string
+		stack  string
+		t      *task
+	}
+	lastDone.k = -1
 	k := first
 	for ; k < len(jobs); k++ {
 		if k > first && (ctx.Err() != nil || !win.take(k)) {
@@ -108,11 +120,17 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		now := p.now()
-		fence := tx.Exec(fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
-		if fence.Error != nil {
-			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, fence.Error), "")
+		var fenced int64
+		var err error
+		if tx == nil {
+			tx, fenced, err = p.beginRun(bg, fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
+		} else {
+			fenced, err = tx.exec(fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
 		}
-		if fence.RowsAffected == 0 {
+		if err != nil {
+			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, err), "")
+		}
+		if fenced == 0 {
 			setInfo(k, OutcomeSkipped, errorf(ErrLeaseLost, "job %d was cancelled or claimed by another worker before it started", job.ID))
 			continue
 		}
@@ -123,26 +141,29 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		// statement; rolling back to the savepoint revives it). A job alone
 		// in its transaction needs none: its failure rolls the transaction
 		// back and is recorded in a fresh one that re-checks the claim.
-		shared := len(jobs)-first > 1
 		sp := fmt.Sprintf("async_job_%d", k-first)
 		if shared {
-			if err := tx.SavePoint(sp).Error; err != nil {
+			if err := tx.db.SavePoint(sp).Error; err != nil {
 				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 			}
 		}
-		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
+		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
-			tx.Rollback()
+			tx.rollback()
 			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
 			p.releaseUnstarted(bg, jobs[k+1:])
 			return len(jobs)
 		}
 		if err == nil {
 			done := p.now()
-			res := tx.Exec("UPDATE "+jobTable+" SET executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?", done, result, job.ID)
-			if res.Error != nil {
-				return abort(k, t, fmt.Errorf("async: completing job %d: %w", job.ID, res.Error), stack)
+			if k == len(jobs)-1 {
+				lastDone.k, lastDone.at, lastDone.result, lastDone.t, lastDone.stack = k, done, result, t, stack
+				k++
+				break
+			}
+			if _, err := tx.exec(completeSQL, done, result, job.ID); err != nil {
+				return abort(k, t, fmt.Errorf("async: completing job %d: %w", job.ID, err), stack)
 			}
 			job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
 			setInfo(k, OutcomeExecuted, nil)
@@ -152,22 +173,39 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if !shared {
 			return abort(k, t, err, stack) // rolls back, records the failure apart
 		}
-		if rb := tx.RollbackTo(sp).Error; rb != nil {
+		if rb := tx.db.RollbackTo(sp).Error; rb != nil {
 			return abort(k, t, err, stack)
 		}
-		out, recErr := p.recordFailure(tx, job, t, err, stack)
+		out, recErr := p.recordFailure(tx.db, job, t, err, stack)
 		if recErr != nil {
 			return abort(k, t, err, stack)
 		}
 		setInfo(k, out, err)
 		inTx = append(inTx, k)
 	}
-	if err := tx.Commit().Error; err != nil {
-		// Which job made the commit fail is unknown: each records a failure.
-		tx.Rollback()
-		for _, i := range inTx {
-			out, e := p.afterBrokenTx(bg, jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
-			setInfo(i, out, e)
+	if tx != nil {
+		var execErr, err error
+		if lastDone.k >= 0 {
+			job := jobs[lastDone.k]
+			_, execErr, err = tx.commitAfter(completeSQL, lastDone.at, lastDone.result, job.ID)
+			if execErr != nil {
+				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack)
+			}
+			inTx = append(inTx, lastDone.k)
+			if err == nil {
+				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &lastDone.at, lastDone.result, "", nil
+				setInfo(lastDone.k, OutcomeExecuted, nil)
+			}
+		} else {
+			err = tx.commit()
+		}
+		if err != nil {
+			// Which job made the commit fail is unknown: each records a failure.
+			tx.rollback()
+			for _, i := range inTx {
+				out, e := p.afterBrokenTx(bg, jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
+				setInfo(i, out, e)
+			}
 		}
 	}
 	if win.stop() {

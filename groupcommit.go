@@ -21,12 +21,8 @@ import (
 // of the first job it did not take.
 func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
 	bg := context.WithoutCancel(ctx)
-	tx := p.session(bg).Begin()
-	if tx.Error != nil {
-		return p.runTx(ctx, jobs, infos, first, o)
-	}
-	if err := p.dialect.beginWrite(tx); err != nil {
-		tx.Rollback()
+	tx, _, err := p.beginRun(bg, p.dialect.beginWriteSQL())
+	if err != nil {
 		return p.runTx(ctx, jobs, infos, first, o)
 	}
 	win := p.batchWindow(bg, jobs, first, o.window)
@@ -34,7 +30,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	// careful reruns jobs[first:upto] with a savepoint each, then says where
 	// to go on from.
 	careful := func(upto int) int {
-		tx.Rollback()
+		tx.rollback()
 		closed := win.stop()
 		for next := first; next < upto; {
 			next = p.runTx(ctx, jobs[:upto], infos[:upto], next, runOptions{timeout: o.timeout})
@@ -54,9 +50,9 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		t, result, err, stack := p.callTask(ctx, tx, job, o.timeout)
+		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
 		if ctx.Err() != nil {
-			tx.Rollback()
+			tx.rollback()
 			win.stop()
 			p.releaseUnstarted(bg, jobs[first:])
 			for i := first; i <= k; i++ {
@@ -67,7 +63,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		}
 		if err != nil {
 			// Record this failure on its own, then redo the others carefully.
-			tx.Rollback()
+			tx.rollback()
 			out, e := p.afterBrokenTx(bg, job, t, err, stack)
 			infos[k].Outcome, infos[k].Err = out, e
 			infos[k].Duration = time.Since(infos[k].Started)
@@ -81,16 +77,17 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	}
 	batch := jobs[first:k]
 	if len(batch) == 0 {
-		tx.Rollback()
+		tx.rollback()
 		return k
 	}
 	done := p.now()
 	q, args := completeAllSQL(batch, starts, results, done, p.dialect.timeParam())
-	res := tx.Exec(q, args...)
-	if res.Error != nil || res.RowsAffected != int64(len(batch)) {
+	// Not sent with the COMMIT: the count must be checked first.
+	n, err := tx.exec(q, args...)
+	if err != nil || n != int64(len(batch)) {
 		return careful(k) // a claim was lost, or the database failed: go job by job
 	}
-	if err := tx.Commit().Error; err != nil {
+	if err := tx.commit(); err != nil {
 		return careful(k)
 	}
 	for i, job := range batch {

@@ -2,6 +2,7 @@ package async
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -44,6 +45,8 @@ type Plugin struct {
 	JobLink func(id int64) string
 
 	db      *gorm.DB
+	sqlDB   *sql.DB // the pool under db, when it is a plain *sql.DB
+	stmts   stmtCache
 	dialect *dialect
 	wakers  notifier
 	// writeMu serialises this process's writing transactions on SQLite,
@@ -73,7 +76,8 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 	if !d.skipLocked && !d.singleWriter {
 		p.Logger.Warn("async: database server lacks FOR UPDATE SKIP LOCKED; workers fall back to plain row locking", "version", d.version)
 	}
-	installCommitWake(db, p)
+	p.sqlDB = installCommitWake(db, p)
+	d.pipeline = d.kind == kindPostgres && usesPgx(p.sqlDB)
 	registerBuiltins()
 	return db.Callback().Create().After("gorm:create").Register("async:wake_on_job_insert", p.afterCreate)
 }

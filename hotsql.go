@@ -1,0 +1,131 @@
+package async
+
+import (
+	"context"
+	"database/sql"
+	"sync"
+
+	"gorm.io/gorm"
+)
+
+// Hot-path statements (claims, the run's fence and completion) are fixed
+// SQL texts with plain scalar arguments. They skip GORM's statement builder
+// and, where the driver would otherwise prepare or parse them on every call
+// (MySQL's driver prepares, executes and closes each statement with
+// arguments; SQLite re-parses each one), they run as statements prepared
+// once per pooled connection. pgx caches prepared statements itself.
+
+// maxHotStmts bounds the prepared statements the plugin keeps, so that texts
+// that vary (a claim's id list) cannot pile up on the server.
+const maxHotStmts = 64
+
+type stmtCache struct {
+	mu    sync.Mutex
+	stmts map[string]*sql.Stmt
+}
+
+// prepared returns q prepared on db, or nil when it should run unprepared.
+func (p *Plugin) prepared(ctx context.Context, q string) *sql.Stmt {
+	if !p.dialect.prepareHot() || p.sqlDB == nil {
+		return nil
+	}
+	c := &p.stmts
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s, ok := c.stmts[q]; ok {
+		return s
+	}
+	if len(c.stmts) >= maxHotStmts {
+		return nil
+	}
+	s, err := p.sqlDB.PrepareContext(ctx, q)
+	if err != nil {
+		return nil // run it unprepared; the error, if real, shows there
+	}
+	if c.stmts == nil {
+		c.stmts = map[string]*sql.Stmt{}
+	}
+	c.stmts[q] = s
+	return s
+}
+
+// sqlTxOf is the *sql.Tx under a GORM transaction handle, if there is one.
+func sqlTxOf(db *gorm.DB) *sql.Tx {
+	switch c := db.Statement.ConnPool.(type) {
+	case *sql.Tx:
+		return c
+	case *wakeTx:
+		return c.Tx
+	case *runConn:
+		return c.tx
+	}
+	return nil
+}
+
+// execHot runs a hot-path statement with ? placeholders on db (a session or
+// a transaction handle) and returns the rows it affected.
+func (p *Plugin) execHot(db *gorm.DB, q string, args ...any) (int64, error) {
+	ctx := db.Statement.Context
+	if s := p.prepared(ctx, q); s != nil {
+		var res sql.Result
+		var err error
+		if tx := sqlTxOf(db); tx != nil {
+			res, err = tx.StmtContext(ctx, s).ExecContext(ctx, args...)
+		} else if isPool(db) {
+			res, err = s.ExecContext(ctx, args...)
+		} else {
+			return p.execGorm(db, q, args...)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return res.RowsAffected()
+	}
+	return p.execGorm(db, q, args...)
+}
+
+func (p *Plugin) execGorm(db *gorm.DB, q string, args ...any) (int64, error) {
+	res := db.Exec(q, args...)
+	return res.RowsAffected, res.Error
+}
+
+// queryJobs runs a hot-path query returning job rows.
+func (p *Plugin) queryJobs(db *gorm.DB, q string, args ...any) ([]*Job, error) {
+	ctx := db.Statement.Context
+	s := p.prepared(ctx, q)
+	var rows *sql.Rows
+	var err error
+	switch tx := sqlTxOf(db); {
+	case s != nil && tx != nil:
+		rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
+	case s != nil && isPool(db):
+		rows, err = s.QueryContext(ctx, args...)
+	default:
+		var jobs []*Job
+		err := db.Raw(q, args...).Scan(&jobs).Error
+		return jobs, err
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var jobs []*Job
+	for rows.Next() {
+		j := new(Job)
+		if err := db.ScanRows(rows, j); err != nil {
+			return nil, err
+		}
+		jobs = append(jobs, j)
+	}
+	return jobs, rows.Err()
+}
+
+// isPool reports whether db runs statements on the connection pool itself
+// (not inside a transaction).
+func isPool(db *gorm.DB) bool {
+	switch db.Statement.ConnPool.(type) {
+	case *wakePool, *sql.DB:
+		return true
+	}
+	return false
+}

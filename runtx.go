@@ -1,0 +1,152 @@
+package async
+
+import (
+	"context"
+	"database/sql"
+	"sync/atomic"
+
+	"gorm.io/gorm"
+)
+
+// A run's transaction. The library opens it itself rather than through
+// GORM's Begin: on Postgres with pgx, BEGIN travels with the run's first
+// statement and COMMIT with its last, one round trip each (see
+// dialect_pgx.go); elsewhere the library's statements are prepared once per
+// connection (hotsql.go). Tasks get a *gorm.DB on the same transaction.
+
+// runTxn is one run's transaction.
+type runTxn struct {
+	p   *Plugin
+	ctx context.Context // the library's statements: never cancelled by shutdown
+	// db is the tasks' handle. Its ConnPool is rc, or (when the plugin
+	// cannot reach the *sql.DB, e.g. under GORM's PrepareStmt mode) a
+	// transaction GORM began.
+	db    *gorm.DB
+	rc    *runConn
+	ended bool
+}
+
+// runConn is the connection pool of a run's *gorm.DB: the run's *sql.Tx, or
+// a *sql.Conn holding a transaction the library began on it. Tasks may nest
+// transactions (GORM turns them into savepoints) but may not end the job's
+// transaction: that is the run's to commit with the job's completion.
+type runConn struct {
+	gorm.ConnPool
+	sqlDB   *sql.DB
+	tx      *sql.Tx   // generic: a database/sql transaction
+	conn    *sql.Conn // pipelined: a connection with a transaction open
+	hasJobs atomic.Bool
+}
+
+// GetDBConn lets gorm.DB.DB() find the *sql.DB.
+func (c *runConn) GetDBConn() (*sql.DB, error) { return c.sqlDB, nil }
+
+// Commit refuses: the job's transaction commits with the job's completion.
+func (c *runConn) Commit() error {
+	return errorf(ErrJobTransaction, "a task cannot commit its job's transaction")
+}
+
+// Rollback refuses: a task fails by returning an error.
+func (c *runConn) Rollback() error {
+	return errorf(ErrJobTransaction, "a task cannot roll back its job's transaction; return an error instead")
+}
+
+// beginRun opens a run's transaction and runs first (a hot-path statement
+// with ? placeholders, or "") in it, returning the rows first affected.
+func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runTxn, int64, error) {
+	t := &runTxn{p: p, ctx: ctx}
+	if p.sqlDB == nil {
+		t.db = p.session(ctx).Begin()
+		if t.db.Error != nil {
+			return nil, 0, t.db.Error
+		}
+	} else {
+		t.rc = &runConn{sqlDB: p.sqlDB}
+		if p.dialect.pipeline {
+			conn, n, err := pipeBegin(ctx, p.sqlDB, first, args)
+			if err != nil {
+				return nil, 0, err
+			}
+			t.rc.conn, t.rc.ConnPool = conn, conn
+			t.db = p.session(ctx)
+			t.db.Statement.ConnPool = t.rc
+			return t, n, nil
+		}
+		tx, err := p.sqlDB.BeginTx(ctx, nil)
+		if err != nil {
+			return nil, 0, err
+		}
+		t.rc.tx, t.rc.ConnPool = tx, tx
+		t.db = p.session(ctx)
+		t.db.Statement.ConnPool = t.rc
+	}
+	if first == "" {
+		return t, 0, nil
+	}
+	n, err := p.execHot(t.db, first, args...)
+	if err != nil {
+		t.rollback()
+		return nil, 0, err
+	}
+	return t, n, nil
+}
+
+// exec runs a hot-path statement in the run's transaction.
+func (t *runTxn) exec(q string, args ...any) (int64, error) {
+	return t.p.execHot(t.db, q, args...)
+}
+
+// commitAfter runs q (unless it is "") and commits: on Postgres both in one
+// round trip. execErr is q's error (the transaction then still needs
+// rollback); commitErr is the commit's.
+func (t *runTxn) commitAfter(q string, args ...any) (n int64, execErr, commitErr error) {
+	if t.rc != nil && t.rc.conn != nil {
+		n, execErr, commitErr = pipeCommit(t.ctx, t.rc.conn, q, args)
+		if execErr == nil && commitErr == nil {
+			t.ended = true
+			_ = t.rc.conn.Close()
+		}
+	} else {
+		if q != "" {
+			if n, execErr = t.exec(q, args...); execErr != nil {
+				return n, execErr, nil
+			}
+		}
+		if t.rc != nil {
+			commitErr = t.rc.tx.Commit()
+		} else {
+			commitErr = t.db.Commit().Error
+		}
+		t.ended = commitErr == nil
+	}
+	if t.ended && t.rc != nil && t.rc.hasJobs.Load() {
+		t.p.wakers.broadcast()
+	}
+	return n, execErr, commitErr
+}
+
+// commit commits the run's transaction.
+func (t *runTxn) commit() error {
+	_, execErr, commitErr := t.commitAfter("")
+	if execErr != nil {
+		return execErr
+	}
+	return commitErr
+}
+
+// rollback ends the run's transaction, undoing it; it does nothing once the
+// transaction has ended.
+func (t *runTxn) rollback() {
+	if t.ended {
+		return
+	}
+	t.ended = true
+	switch {
+	case t.rc == nil:
+		t.db.Rollback()
+	case t.rc.conn != nil:
+		pipeRollback(t.ctx, t.rc.conn)
+	default:
+		_ = t.rc.tx.Rollback()
+	}
+}
