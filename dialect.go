@@ -112,10 +112,22 @@ func versionMinor(v string) int { _, b := parseVersion(v); return b }
 
 // prepareHot reports whether the library's hot-path statements should be
 // prepared once per connection (hotsql.go). MySQL's driver otherwise
-// prepares, runs and closes every statement with arguments (two round
-// trips); SQLite otherwise parses each one again. pgx caches prepared
-// statements by itself.
-func (d *dialect) prepareHot() bool { return d.kind != kindPostgres }
+// prepares, runs and closes every statement with arguments: two round trips
+// instead of one. pgx caches prepared statements by itself; the pure-Go
+// SQLite driver parses a statement on every execution, prepared or not.
+func (d *dialect) prepareHot() bool { return d.kind == kindMySQL }
+
+// fenceSQL starts a run: it re-checks the claim (id, locked_by, attempts,
+// still pending) and locks the job's row until the job's transaction ends.
+// A locking read writes no new row version; SQLite, which has no row locks,
+// takes the database's write lock with an UPDATE that changes nothing.
+func (d *dialect) fenceSQL() string {
+	const where = " WHERE id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
+	if d.singleWriter {
+		return "UPDATE " + jobTable + " SET locked_by = locked_by" + where
+	}
+	return "SELECT id FROM " + jobTable + where + " FOR UPDATE"
+}
 
 // lockClause is appended to the claim's SELECT.
 func (d *dialect) lockClause() string {

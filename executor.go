@@ -29,10 +29,6 @@ type runOptions struct {
 // for the whole job, blocking every Schedule.
 const stillPending = "COALESCE(executed, cancelled, failed) IS NULL"
 
-// fenceSQL starts a run: it re-checks the claim and locks the job's row
-// until the job's transaction ends.
-const fenceSQL = "UPDATE " + jobTable + " SET started = ? WHERE id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
-
 // runJobs executes claimed jobs; it is the one way a job runs. With one job
 // this is the strict mode: one transaction per job (runTx). With several,
 // group commit: they share transactions (runOptimistic, which falls back to
@@ -70,9 +66,9 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 	return infos
 }
 
-// completeSQL marks a job executed. The job's row is locked by its fence,
-// so the claim needs no re-check.
-const completeSQL = "UPDATE " + jobTable + " SET executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?"
+// completeSQL marks a job executed, with the start time its fence saw. The
+// job's row is locked by its fence, so the claim needs no re-check.
+const completeSQL = "UPDATE " + jobTable + " SET started = ?, executed = ?, result = ?, locked_by = '', locked_until = NULL WHERE id = ?"
 
 // runTx runs jobs[first:] in one transaction, each job in its own savepoint,
 // until they are done, the window closes or the context ends, and returns
@@ -105,11 +101,12 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	shared := len(jobs)-first > 1
 	// The last job's completion is sent with the COMMIT.
 	var lastDone struct {
-		k      int
-		at     time.Time
-		result string
-		stack  string
-		t      *task
+		k       int
+		started time.Time
+		at      time.Time
+		result  string
+		stack   string
+		t       *task
 	}
 	lastDone.k = -1
 	k := first
@@ -123,9 +120,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		var fenced int64
 		var err error
 		if tx == nil {
-			tx, fenced, err = p.beginRun(bg, fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
+			tx, fenced, err = p.beginRun(bg, p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
 		} else {
-			fenced, err = tx.exec(fenceSQL, now, job.ID, job.LockedBy, job.Attempts)
+			fenced, err = tx.exec(p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
 		}
 		if err != nil {
 			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, err), "")
@@ -158,11 +155,11 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if err == nil {
 			done := p.now()
 			if k == len(jobs)-1 {
-				lastDone.k, lastDone.at, lastDone.result, lastDone.t, lastDone.stack = k, done, result, t, stack
+				lastDone.k, lastDone.started, lastDone.at, lastDone.result, lastDone.t, lastDone.stack = k, now, done, result, t, stack
 				k++
 				break
 			}
-			if _, err := tx.exec(completeSQL, done, result, job.ID); err != nil {
+			if _, err := tx.exec(completeSQL, now, done, result, job.ID); err != nil {
 				return abort(k, t, fmt.Errorf("async: completing job %d: %w", job.ID, err), stack)
 			}
 			job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
@@ -187,7 +184,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		var execErr, err error
 		if lastDone.k >= 0 {
 			job := jobs[lastDone.k]
-			_, execErr, err = tx.commitAfter(completeSQL, lastDone.at, lastDone.result, job.ID)
+			_, execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
 			if execErr != nil {
 				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack)
 			}

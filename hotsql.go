@@ -3,6 +3,7 @@ package async
 import (
 	"context"
 	"database/sql"
+	"strings"
 	"sync"
 
 	"gorm.io/gorm"
@@ -10,10 +11,10 @@ import (
 
 // Hot-path statements (claims, the run's fence and completion) are fixed
 // SQL texts with plain scalar arguments. They skip GORM's statement builder
-// and, where the driver would otherwise prepare or parse them on every call
-// (MySQL's driver prepares, executes and closes each statement with
-// arguments; SQLite re-parses each one), they run as statements prepared
-// once per pooled connection. pgx caches prepared statements itself.
+// and, where the driver would otherwise prepare them on every call (MySQL's
+// driver prepares, executes and closes each statement with arguments), they
+// run as statements prepared once per pooled connection. pgx caches
+// prepared statements itself.
 
 // maxHotStmts bounds the prepared statements the plugin keeps, so that texts
 // that vary (a claim's id list) cannot pile up on the server.
@@ -63,8 +64,12 @@ func sqlTxOf(db *gorm.DB) *sql.Tx {
 }
 
 // execHot runs a hot-path statement with ? placeholders on db (a session or
-// a transaction handle) and returns the rows it affected.
+// a transaction handle) and returns the rows it affected, or for a SELECT
+// the rows it returned.
 func (p *Plugin) execHot(db *gorm.DB, q string, args ...any) (int64, error) {
+	if strings.HasPrefix(q, "SELECT ") {
+		return p.countHot(db, q, args...)
+	}
 	ctx := db.Statement.Context
 	if s := p.prepared(ctx, q); s != nil {
 		var res sql.Result
@@ -82,6 +87,28 @@ func (p *Plugin) execHot(db *gorm.DB, q string, args ...any) (int64, error) {
 		return res.RowsAffected()
 	}
 	return p.execGorm(db, q, args...)
+}
+
+// countHot runs a hot-path query and counts the rows it returns.
+func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
+	ctx := db.Statement.Context
+	var rows *sql.Rows
+	var err error
+	switch s, tx := p.prepared(ctx, q), sqlTxOf(db); {
+	case s != nil && tx != nil:
+		rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
+	default:
+		rows, err = db.Raw(q, args...).Rows()
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer rows.Close()
+	var n int64
+	for rows.Next() {
+		n++
+	}
+	return n, rows.Err()
 }
 
 func (p *Plugin) execGorm(db *gorm.DB, q string, args ...any) (int64, error) {
