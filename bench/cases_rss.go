@@ -38,7 +38,10 @@ func (d *dbRun) rssCase(ctx context.Context) error {
 		return err
 	}
 	total := int64(cfg.rssJobs)
-	f := newFeeder(e, raw, taskNoop, cfg.queueDepth, total, kids.executed)
+	// The feeder keeps about -queue-depth jobs pending, topping up in whole
+	// statements once a fifth of them is gone.
+	low := cfg.queueDepth - max(cfg.queueDepth/5, 1) + 1
+	f := newFeeder(e, raw, taskNoop, low, cfg.queueDepth, 0, total, kids.executed)
 	if err := f.start(ctx); err != nil {
 		return errorsJoin(err, kids.stop())
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -12,18 +13,104 @@ import (
 	"github.com/gormasync/async"
 )
 
-// Worker throughput: jobs/s of workers draining a queue kept about
-// -queue-depth deep by a feeder, for a no-op task and a task that inserts
-// one row, at several concurrencies, in this process or split over two
-// child processes, strict (one job per transaction) or with group commit.
-// Each figure is compared with the throughput baseline (pgbench -N TPS on
-// Postgres, the raw one-row-update-and-commit loop elsewhere) at the same
-// total concurrency.
+// Worker throughput: jobs/s of workers draining a prefilled queue, for a
+// no-op task and a task that inserts one row, at several concurrencies, in
+// this process or split over two child processes, strict (one job per
+// transaction) or with group commit. Each figure is compared with the
+// throughput baseline (pgbench -N TPS on Postgres, the raw
+// one-row-update-and-commit loop elsewhere) at the same total concurrency.
+//
+// The queue is filled before the workers start with enough jobs for the
+// warm-up and the measuring window, so that nothing but the workers writes
+// while they are measured: a feeder topping the queue up during the window
+// shared the CPUs with the workers and its inserts were a large share of the
+// load at high rates. The prefill is sized from the rate of the previous
+// case of the same kind (see rateEstimate); a feeder remains as a safety net
+// that tops up only when fewer than -queue-depth jobs are pending, and a case
+// where it had to during the window says so in its note.
 
 // throughputPoll is the workers' poll interval: short, so that a worker
 // never idles long on a database that cannot wake it (the feeder's raw
 // inserts wake no one but Postgres listeners).
 const throughputPoll = 20 * time.Millisecond
+
+// prefillMargin is how many times the jobs the estimated rate would run in
+// the warm-up and measuring window the prefill holds.
+const prefillMargin = 1.5
+
+// maxRateGrowth bounds how much faster than the previous case of its kind
+// a case at a higher concurrency is expected to run.
+const maxRateGrowth = 2
+
+// Rates assumed for the first case of a kind in a run (jobs/s): above what
+// the first cases (c=1) reach on a small machine, so that they rather
+// overfill. Lower on MySQL, where a claim's cost grows with the number of
+// pending jobs (the due-scheduled half of its split claim reads every
+// pending row), so that too deep a queue slows the workers measured: a
+// first case that outruns its prefill is left to the feeder, and the note.
+const (
+	defaultStrictRate      = 3000
+	defaultGroupRate       = 20000
+	defaultMySQLStrictRate = 1000
+	defaultMySQLGroupRate  = 5000
+)
+
+// rateKey is the kind of throughput case a rate estimate is kept for, per
+// database: strict or group commit, and the task.
+type rateKey struct {
+	group bool
+	task  string
+}
+
+func keyOf(wc workerCase) rateKey { return rateKey{group: wc.batch > 1, task: wc.task} }
+
+// pastRate is the rate a throughput case measured, at its concurrency.
+type pastRate struct {
+	rate float64
+	conc int
+}
+
+// rateEstimate is the jobs/s expected of wc: the rate of the previous case
+// of its kind in this run, or a default for the first one. A case at a
+// higher concurrency than the previous one is expected to run faster, in
+// proportion but at most twice as fast: the strict cases' rate can nearly
+// double from c=1 to c=4, more than the margin of 1.5 covers, while SQLite
+// (one writer) barely speeds up from c=1 to c=8.
+func (d *dbRun) rateEstimate(wc workerCase) float64 {
+	if p, ok := d.rates[keyOf(wc)]; ok {
+		return p.rate * min(maxRateGrowth, max(1, float64(wc.conc)/float64(p.conc)))
+	}
+	mysql := d.e != nil && d.e.kind == "mysql"
+	switch {
+	case wc.batch > 1 && mysql:
+		return defaultMySQLGroupRate
+	case wc.batch > 1:
+		return defaultGroupRate
+	case mysql:
+		return defaultMySQLStrictRate
+	}
+	return defaultStrictRate
+}
+
+// noteRate records a case's measured rate for the next case of its kind.
+func (d *dbRun) noteRate(wc workerCase, rate float64) {
+	if d.rates == nil {
+		d.rates = map[rateKey]pastRate{}
+	}
+	d.rates[keyOf(wc)] = pastRate{rate: rate, conc: wc.conc}
+}
+
+// prefillSize is how many jobs to put in the queue before wc's workers
+// start: the estimated rate over the warm-up and measuring window, with a
+// margin, on top of -queue-depth. The feeder tops up once fewer than
+// -queue-depth jobs are pending, so those are not for the workers to run
+// in the window: without them the margin would shrink to little at low
+// rates (at 1,500 jobs/s, 2,000 jobs are a quarter of the prefill).
+func (d *dbRun) prefillSize(wc workerCase) (n int, estimate float64) {
+	estimate = d.rateEstimate(wc)
+	window := warmup(d.cfg.duration) + d.cfg.duration
+	return d.cfg.queueDepth + int(math.Ceil(estimate*window.Seconds()*prefillMargin)), estimate
+}
 
 type workerCase struct {
 	task  string
@@ -124,6 +211,15 @@ func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, no
 	}
 	defer raw.Close()
 
+	// Prefill before the workers start; its time is not measured.
+	prefill, estimate := d.prefillSize(wc)
+	t0 := time.Now()
+	if err := e.bulkJobs(ctx, raw, wc.task, 1, prefill, false); err != nil {
+		return 0, "", fmt.Errorf("prefill: %w", err)
+	}
+	progress("%s: %s: prefilled %d jobs in %s (%.0f jobs/s expected)", e.kind, wc, prefill,
+		time.Since(t0).Round(time.Millisecond), estimate)
+
 	var count func() int64
 	var stopWorkers func() error
 	var kids children
@@ -145,7 +241,9 @@ func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, no
 		count = kids.executed
 		stopWorkers = kids.stop
 	}
-	f := newFeeder(e, raw, wc.task, cfg.queueDepth, 0, count)
+	// The safety net: it tops the queue up to twice -queue-depth should
+	// fewer than -queue-depth jobs be left (the estimate was too low).
+	f := newFeeder(e, raw, wc.task, cfg.queueDepth, 2*cfg.queueDepth, int64(prefill), 0, count)
 	ferr := f.start(ctx)
 	if ferr == nil {
 		pause(ctx, warmup(cfg.duration))
@@ -153,14 +251,20 @@ func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, no
 		if wc.procs == 1 {
 			stop = d.profileCase(wc.String())
 		}
-		k0, n0 := kids.cpu(), count()
+		k0, n0, f0 := kids.cpu(), count(), f.inserted.Load()
 		if wc.procs == 1 {
 			e.trace.start()
 		}
 		rate, note, err = rateOver(ctx, cfg.duration, count, wc.procs == 1)
-		k1, n1 := kids.cpu(), count()
+		k1, n1, fed := kids.cpu(), count(), f.insertedSince(f0)
 		if len(kids) > 0 && n1 > n0 {
 			note = fmt.Sprintf("workers %.0fµs cpu/job; %s", float64((k1-k0).Microseconds())/float64(n1-n0), note)
+		}
+		note = fmt.Sprintf("prefill %dk jobs; %s", (prefill+500)/1000, note)
+		if fed > 0 {
+			note = fmt.Sprintf("feeder ran: %d jobs inserted while measuring; %s", fed, note)
+			progress("%s: %s: the queue fell below %d pending jobs; the feeder inserted %d jobs while measuring",
+				e.kind, wc, cfg.queueDepth, fed)
 		}
 		if wc.procs == 1 {
 			d.rep.trace(e.kind, wc.String(), e.trace.stop(n1-n0))
@@ -176,6 +280,9 @@ func (d *dbRun) workerRate(ctx context.Context, wc workerCase) (rate float64, no
 	}
 	if err == nil && rate == 0 {
 		err = fmt.Errorf("no job ran in %s", cfg.duration)
+	}
+	if err == nil {
+		d.noteRate(wc, rate)
 	}
 	return rate, note, err
 }

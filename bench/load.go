@@ -73,44 +73,68 @@ func (e *env) bulkJobs(ctx context.Context, db *sql.DB, task string, first int64
 	return nil
 }
 
-// feeder keeps about depth jobs pending while workers drain the queue, so a
-// throughput case never runs dry and the queue depth stays the same across
-// cases. It stops after limit jobs (0: no limit).
+// feeder tops the queue up while workers drain it: once fewer than low jobs
+// are pending it inserts enough to bring them back to high. The throughput
+// cases prefill the queue and use it only as a safety net (low is
+// -queue-depth); the memory case relies on it to keep about -queue-depth jobs
+// pending. It stops after limit jobs (0: no limit).
 type feeder struct {
-	e        *env
-	db       *sql.DB
-	task     string
-	depth    int
-	limit    int64
-	executed func() int64
+	e         *env
+	db        *sql.DB
+	task      string
+	low, high int
+	limit     int64
+	executed  func() int64
+	// inserted counts the jobs in the queue so far (prefilled ones
+	// included); begun also counts those of a top-up still in flight.
 	inserted atomic.Int64
+	begun    atomic.Int64
 	err      error
 	stop     chan struct{}
 	wg       sync.WaitGroup
 }
 
-func newFeeder(e *env, db *sql.DB, task string, depth int, limit int64, executed func() int64) *feeder {
-	return &feeder{e: e, db: db, task: task, depth: depth, limit: limit, executed: executed, stop: make(chan struct{})}
+// newFeeder makes a feeder for a queue that already holds have jobs of task
+// (numbered 1..have for the insert task).
+func newFeeder(e *env, db *sql.DB, task string, low, high int, have, limit int64, executed func() int64) *feeder {
+	f := &feeder{e: e, db: db, task: task, low: low, high: high, limit: limit, executed: executed, stop: make(chan struct{})}
+	f.inserted.Store(have)
+	f.begun.Store(have)
+	return f
 }
 
-// fill tops the queue up to depth; it returns how many jobs it added.
+// fill tops the queue up to high if fewer than low jobs are pending (or
+// adds the last jobs up to the limit); it returns how many jobs it added.
 func (f *feeder) fill(ctx context.Context) (int, error) {
 	ins := f.inserted.Load()
-	want := int64(f.depth) - (ins - f.executed())
-	if f.limit > 0 {
-		want = min(want, f.limit-ins)
-	}
-	// Top up in whole statements, and only once a fifth of the depth is gone,
-	// so that the feeder's writes stay a small share of the load.
-	if want < int64(max(f.depth/5, 1)) && !(f.limit > 0 && want > 0 && ins+want == f.limit) {
+	want := f.topUp(ins, f.executed())
+	if want == 0 {
 		return 0, nil
 	}
+	f.begun.Add(want)
 	if err := f.e.bulkJobs(ctx, f.db, f.task, ins+1, int(want), false); err != nil {
 		return 0, err
 	}
 	f.inserted.Add(want)
 	return int(want), nil
 }
+
+// topUp is how many jobs fill adds when ins were inserted and executed ran.
+func (f *feeder) topUp(ins, executed int64) int64 {
+	pending := ins - executed
+	want := int64(f.high) - pending
+	if f.limit > 0 {
+		want = min(want, f.limit-ins)
+	}
+	if want <= 0 || (pending >= int64(f.low) && !(f.limit > 0 && ins+want == f.limit)) {
+		return 0
+	}
+	return want
+}
+
+// insertedSince is how many jobs the feeder inserted, in whole or in part,
+// after the moment its inserted count was mark: a top-up in flight counts.
+func (f *feeder) insertedSince(mark int64) int64 { return f.begun.Load() - mark }
 
 // start fills the queue, then keeps it filled in the background until halt.
 func (f *feeder) start(ctx context.Context) error {

@@ -37,7 +37,7 @@ type config struct {
 	pgbenchClients []int
 	schedBatch     int // jobs per transaction in the many-in-one-tx case
 	batchK         int // group commit size for WorkerOptions.BatchSize
-	queueDepth     int // pending jobs the feeder keeps in throughput cases
+	queueDepth     int // throughput cases: least prefill and the feeder's low-water mark; rss: pending jobs kept
 	rssJobs        int
 	rssBatch       int   // BatchSize of the memory case's worker
 	claimRows      []int // finished rows in the claim-cost case
@@ -69,7 +69,7 @@ func parseFlags(args []string) (*config, error) {
 	pgc := fs.String("pgbench-clients", "1,4,8,16,32", "pgbench -N client counts")
 	fs.IntVar(&c.schedBatch, "sched-batch", 1000, "jobs per transaction in the many-in-one-tx scheduling case")
 	fs.IntVar(&c.batchK, "batch", 16, "WorkerOptions.BatchSize for the group-commit cases (1: strict mode only)")
-	fs.IntVar(&c.queueDepth, "queue-depth", 2000, "pending jobs kept in the queue during throughput cases")
+	fs.IntVar(&c.queueDepth, "queue-depth", 2000, "throughput cases: least jobs prefilled, and the pending count below which the safety-net feeder tops up; rss case: pending jobs kept")
 	fs.IntVar(&c.rssJobs, "rss-jobs", 1_000_000, "no-op jobs run in the worker memory case")
 	fs.IntVar(&c.rssBatch, "rss-batch", 16, "WorkerOptions.BatchSize in the worker memory case (1: strict mode, much slower)")
 	claimRows := fs.String("claim-rows", "10000,1000000", "finished rows in the table for the claim-cost case")

@@ -25,6 +25,9 @@ type dbRun struct {
 	// the concurrency that maximises them.
 	tput map[int]*row
 	best int
+	// rates are the worker throughput cases' last rates, by kind of case:
+	// what sizes the next prefill (see rateEstimate).
+	rates map[rateKey]pastRate
 }
 
 func run(ctx context.Context, cfg *config) (*report, error) {
