@@ -202,17 +202,19 @@ type Call struct {
 func Task(task any, opts ...Option) Call { return Call{task: task, opts: opts} }
 
 // ScheduleMany adds many jobs through tx in as few INSERT statements as the
-// database allows (chunked under its limit on bound parameters). It is
-// all-or-nothing: on a plain handle the chunks share one transaction; in a
-// transaction they commit or roll back with it. Every call is checked as by
-// Schedule before anything is written.
+// database allows (on Postgres one per 10,000 jobs; elsewhere chunked under
+// the database's limit on bound parameters), and returns them with their IDs,
+// in the order of calls. The rows are the ones Schedule would write for the
+// same calls. It is all-or-nothing: on a plain handle the chunks share one
+// transaction; in a transaction they commit or roll back with it. Every call
+// is checked as by Schedule before anything is written.
 func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
 		return nil, err
 	}
 	rows := make([]Job, len(calls))
-	refs := map[int]string{}
+	var refs []string // group reference of each row, when any has one
 	var prev *Job
 	for i, c := range calls {
 		ref, err := p.buildJob(&rows[i], c.task, c.opts, prev)
@@ -220,6 +222,9 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 			return nil, fmt.Errorf("%w (job %d of %d)", err, i+1, len(calls))
 		}
 		if ref != "" {
+			if refs == nil {
+				refs = make([]string, len(calls))
+			}
 			refs[i] = ref
 		}
 		prev = &rows[i]
@@ -234,6 +239,9 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 	err = db.Transaction(func(db *gorm.DB) error {
 		groups := map[string]*int64{}
 		for i, ref := range refs {
+			if ref == "" {
+				continue
+			}
 			if groups[ref] == nil {
 				if groups[ref], err = p.joinGroup(db, ref); err != nil {
 					return err
@@ -241,7 +249,11 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 			}
 			rows[i].GroupID = groups[ref]
 		}
-		return db.CreateInBatches(rows, p.dialect.maxParams()/jobColumns).Error
+		if err := p.insertJobs(db, rows); err != nil {
+			return err
+		}
+		p.jobsInserted(db)
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("async: schedule many: %w", err)
@@ -253,5 +265,18 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 	return out, nil
 }
 
-// jobColumns is how many bound parameters one async_job row takes in an INSERT.
-const jobColumns = 19
+// jobsInserted does for a bulk insert through db what the
+// async:wake_on_job_insert callback (afterCreate) does for GORM's Create: it
+// marks a transaction of the plugin's pool as having inserted jobs, so that
+// its commit wakes this process's idle workers, or wakes them at once when
+// the insert committed already.
+func (p *Plugin) jobsInserted(db *gorm.DB) {
+	switch c := db.Statement.ConnPool.(type) {
+	case *wakeTx:
+		c.hasJobs.Store(true)
+	case gorm.TxCommitter:
+		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
+	default:
+		p.wakers.broadcast()
+	}
+}
