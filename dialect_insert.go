@@ -65,9 +65,42 @@ func (d *dialect) insertReturning() bool {
 	return d.updateReturning()
 }
 
+// insertMethod is how a bulk insert writes its rows and learns their ids.
+type insertMethod int
+
+const (
+	// insertUnnest: Postgres with pgx, pgInsertJobs.
+	insertUnnest insertMethod = iota + 1
+	// insertValuesReturning: a multi-row INSERT ... VALUES ... RETURNING id.
+	insertValuesReturning
+	// insertValuesLastID: a multi-row INSERT ... VALUES and the last insert id.
+	insertValuesLastID
+)
+
+// insertMethod picks the bulk insert for this database; pgx tells whether
+// its driver is pgx's.
+func (d *dialect) insertMethod(pgx bool) insertMethod {
+	switch {
+	case d.kind == kindPostgres && pgx:
+		return insertUnnest
+	case d.insertReturning():
+		return insertValuesReturning
+	}
+	return insertValuesLastID
+}
+
 // insertJobs inserts new jobs (built by buildJob) through db, in as few
-// statements as the database allows, and sets their IDs. It does not begin
-// a transaction: ScheduleMany runs it in one.
+// statements as the database allows, and sets their IDs. m is the method, or
+// zero for this database's best. It does not begin a transaction:
+// ScheduleMany runs it in one.
+func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
+	if m == 0 {
+		m = p.dialect.insertMethod(p.pgxDriver())
+	}
+	return p.dialect.insertJobs(db, jobs, m)
+}
+
+// insertJobs inserts jobs with method m, in chunks.
 //
 // IDs: where the INSERT returns them, the ids of each statement are sorted and
 // given to its rows in order: every database here draws auto-increment
@@ -77,27 +110,25 @@ func (d *dialect) insertReturning() bool {
 // one (InnoDB allocates a multi-row INSERT's values at once), and SQLite's
 // last_insert_rowid is the last row's id (a single writer: the rows get
 // consecutive ids).
-func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job) error {
+func (d *dialect) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
 	for i := range jobs {
 		if !newJobDefaults(&jobs[i]) {
 			return fmt.Errorf("async: internal error: job %d has a column set that a bulk insert writes as a literal", i+1)
 		}
 	}
-	d := p.dialect
-	if d.kind == kindPostgres && p.pgxDriver() {
-		for start := 0; start < len(jobs); {
-			end := insertChunk(jobs, start, pgUnnestRows)
-			if err := d.insertUnnest(db, jobs[start:end]); err != nil {
-				return err
-			}
-			start = end
-		}
-		return nil
-	}
 	maxRows := d.maxParams() / jobInsertParams
+	if m == insertUnnest {
+		maxRows = pgUnnestRows
+	}
 	for start := 0; start < len(jobs); {
 		end := insertChunk(jobs, start, maxRows)
-		if err := d.insertValues(db, jobs[start:end], d.insertReturning()); err != nil {
+		var err error
+		if m == insertUnnest {
+			err = d.insertUnnest(db, jobs[start:end])
+		} else {
+			err = d.insertValues(db, jobs[start:end], m == insertValuesReturning)
+		}
+		if err != nil {
 			return err
 		}
 		start = end

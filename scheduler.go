@@ -209,6 +209,12 @@ func Task(task any, opts ...Option) Call { return Call{task: task, opts: opts} }
 // transaction; in a transaction they commit or roll back with it. Every call
 // is checked as by Schedule before anything is written.
 func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
+	return scheduleMany(tx, calls, 0)
+}
+
+// scheduleMany is ScheduleMany with the bulk insert method m (zero: the
+// database's best).
+func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
 		return nil, err
@@ -249,7 +255,7 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 			}
 			rows[i].GroupID = groups[ref]
 		}
-		if err := p.insertJobs(db, rows); err != nil {
+		if err := p.insertJobs(db, rows, m); err != nil {
 			return err
 		}
 		p.jobsInserted(db)
