@@ -10,7 +10,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
 
 	"github.com/gormasync/async"
 )
@@ -296,4 +298,29 @@ func TestScheduleManyWakesWorkerOnCommit(t *testing.T) {
 		}))
 		waitJob(t, d.DB, inTx[0].ID, 30*time.Second, "picked up after the session's transaction commit", executed)
 	})
+}
+
+// On Postgres through pgx's simple protocol (GORM's PreferSimpleProtocol, as
+// behind PgBouncer), where pgx writes the arrays as text, the rows are the
+// same.
+func TestScheduleManySimpleProtocolPostgres(t *testing.T) {
+	d := newTestDB(t, "postgres", nil)
+	at := time.Now().Add(time.Hour)
+	cfg := &gorm.Config{Logger: logger.Default.LogMode(logger.Silent), NowFunc: func() time.Time { return at }}
+	db, err := gorm.Open(postgres.New(postgres.Config{DSN: d.DSN, PreferSimpleProtocol: true}), cfg)
+	require.NoError(t, err)
+	sqlDB, err := db.DB()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = sqlDB.Close() })
+	require.NoError(t, db.Use(&async.Plugin{SkipMigration: true, Logger: testLogger()}))
+
+	opts := []async.Option{async.Args("quote\" back\\slash {brace}, comma", nil), async.InGroup("simple"),
+		async.Meta(map[string]any{"k": "NULL"}), async.RunAfter(at.Add(time.Minute)), async.Queue("NULL")}
+	many, err := async.ScheduleMany(db, async.Task("simple.task", opts...), async.Task("simple.task"))
+	require.NoError(t, err)
+	one, err := async.Schedule(db, "simple.task", opts...)
+	require.NoError(t, err)
+	assert.Equal(t, rawJob(t, db, one.ID), rawJob(t, db, many[0].ID))
+	assert.Equal(t, "[]", getJob(t, db, many[1].ID).Args)
+	assert.Nil(t, getJob(t, db, many[1].ID).GroupID)
 }
