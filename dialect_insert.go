@@ -31,7 +31,7 @@ const jobInsertColumns = "name, queue, args, kwargs, meta, result, priority, ide
 const jobInsertParams = 11
 
 // jobRowValues are one row's values for jobInsertColumns: "?" is a bound
-// parameter, in the order jobArgs appends them.
+// parameter, in the order insertValues appends the values.
 const jobRowValues = "(?, ?, ?, ?, ?, '', ?, ?, ?, ?, NULL, NULL, NULL, NULL, 0, ?, NULL, '', ?)"
 
 // insertBatchBytes bounds the job data (name, arguments, meta) one INSERT
