@@ -17,7 +17,7 @@ import (
 func TestScheduleManyIsAllOrNothing(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
-		const n = 4000 // more than one chunk on every database
+		const n = 4000 // more than one statement on SQLite
 		calls := make([]async.Call, n)
 		for i := range calls {
 			calls[i] = async.Task(writeEffect, async.Args(fmt.Sprintf("many-%d", i), i), async.Priority(i%3))

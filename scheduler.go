@@ -104,9 +104,23 @@ type newJobRow struct {
 }
 
 func (p *Plugin) newJob(task any, opts []Option) (*newJobRow, error) {
-	name, t, err := resolveTask(task)
+	j := &newJobRow{}
+	ref, err := p.buildJob(&j.Job, task, opts, nil)
 	if err != nil {
 		return nil, err
+	}
+	j.groupRef = ref
+	return j, nil
+}
+
+// buildJob fills j with the job Schedule would insert for task and opts, and
+// returns its group reference. When prev (the job built just before, or nil)
+// has the same name and arguments, j takes its identity instead of hashing
+// the text form again: ScheduleMany's calls often repeat a task and arguments.
+func (p *Plugin) buildJob(j *Job, task any, opts []Option, prev *Job) (string, error) {
+	name, t, err := resolveTask(task)
+	if err != nil {
+		return "", err
 	}
 	spec := jobSpec{priority: 5, queue: DefaultQueue}
 	for _, o := range opts {
@@ -115,13 +129,13 @@ func (p *Plugin) newJob(task any, opts []Option) (*newJobRow, error) {
 		}
 	}
 	if spec.err != nil {
-		return nil, fmt.Errorf("async: schedule %s: %w", name, spec.err)
+		return "", fmt.Errorf("async: schedule %s: %w", name, spec.err)
 	}
 	args := make([]json.RawMessage, len(spec.args))
 	for i, a := range spec.args {
 		b, err := json.Marshal(a)
 		if err != nil {
-			return nil, errorf(ErrBadArguments, "task %s argument %d (%T) is not JSON-encodable: %v", name, i+1, a, err)
+			return "", errorf(ErrBadArguments, "task %s argument %d (%T) is not JSON-encodable: %v", name, i+1, a, err)
 		}
 		args[i] = b
 	}
@@ -129,41 +143,53 @@ func (p *Plugin) newJob(task any, opts []Option) (*newJobRow, error) {
 	for k, v := range spec.kwargs {
 		b, err := json.Marshal(v)
 		if err != nil {
-			return nil, errorf(ErrBadArguments, "task %s keyword argument %s (%T) is not JSON-encodable: %v", name, k, v, err)
+			return "", errorf(ErrBadArguments, "task %s keyword argument %s (%T) is not JSON-encodable: %v", name, k, v, err)
 		}
 		kwargs[k] = b
 	}
 	if t != nil {
 		if err := t.checkArgs(args, kwargs); err != nil {
-			return nil, err
+			return "", err
 		}
 	}
-	argsJSON, _ := json.Marshal(args)
-	kwargsJSON, _ := json.Marshal(kwargs)
-	meta := []byte("{}")
+	argsJSON, kwargsJSON := "[]", "{}" // what json.Marshal gives for none
+	if len(args) > 0 {
+		b, _ := json.Marshal(args)
+		argsJSON = string(b)
+	}
+	if len(kwargs) > 0 {
+		b, _ := json.Marshal(kwargs)
+		kwargsJSON = string(b)
+	}
+	meta := "{}"
 	if spec.meta != nil {
-		if meta, err = json.Marshal(spec.meta); err != nil {
-			return nil, errorf(ErrBadArguments, "task %s meta is not JSON-encodable: %v", name, err)
+		b, err := json.Marshal(spec.meta)
+		if err != nil {
+			return "", errorf(ErrBadArguments, "task %s meta is not JSON-encodable: %v", name, err)
 		}
+		meta = string(b)
 	}
 	max := p.maxAttempts()
 	if spec.maxAttempts != nil {
 		max = *spec.maxAttempts
 	}
-	j := &newJobRow{groupRef: spec.group}
-	j.Job = Job{
+	*j = Job{
 		Name:        name,
 		Queue:       spec.queue,
-		Args:        string(argsJSON),
-		Kwargs:      string(kwargsJSON),
-		Meta:        string(meta),
+		Args:        argsJSON,
+		Kwargs:      kwargsJSON,
+		Meta:        meta,
 		Priority:    spec.priority,
 		Added:       p.now(),
 		Scheduled:   spec.runAfter,
 		MaxAttempts: max,
 	}
-	j.Identity = identityOf(j.Name, j.Args, j.Kwargs)
-	return j, nil
+	if prev != nil && prev.Name == j.Name && prev.Args == j.Args && prev.Kwargs == j.Kwargs {
+		j.Identity = prev.Identity
+	} else {
+		j.Identity = identityOf(j.Name, j.Args, j.Kwargs)
+	}
+	return spec.group, nil
 }
 
 // Call is one job for ScheduleMany: a task and its options. Build it with Task.
@@ -176,26 +202,38 @@ type Call struct {
 func Task(task any, opts ...Option) Call { return Call{task: task, opts: opts} }
 
 // ScheduleMany adds many jobs through tx in as few INSERT statements as the
-// database allows (chunked under its limit on bound parameters). It is
-// all-or-nothing: on a plain handle the chunks share one transaction; in a
-// transaction they commit or roll back with it. Every call is checked as by
-// Schedule before anything is written.
+// database allows (on Postgres one per 10,000 jobs; elsewhere chunked under
+// the database's limit on bound parameters), and returns them with their IDs,
+// in the order of calls. The rows are the ones Schedule would write for the
+// same calls. It is all-or-nothing: on a plain handle the chunks share one
+// transaction; in a transaction they commit or roll back with it. Every call
+// is checked as by Schedule before anything is written.
 func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
+	return scheduleMany(tx, calls, 0)
+}
+
+// scheduleMany is ScheduleMany with the bulk insert method m (zero: the
+// database's best).
+func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
 		return nil, err
 	}
 	rows := make([]Job, len(calls))
-	refs := map[int]string{}
+	var refs []string // group reference of each row, when any has one
+	var prev *Job
 	for i, c := range calls {
-		j, err := p.newJob(c.task, c.opts)
+		ref, err := p.buildJob(&rows[i], c.task, c.opts, prev)
 		if err != nil {
 			return nil, fmt.Errorf("%w (job %d of %d)", err, i+1, len(calls))
 		}
-		rows[i] = j.Job
-		if j.groupRef != "" {
-			refs[i] = j.groupRef
+		if ref != "" {
+			if refs == nil {
+				refs = make([]string, len(calls))
+			}
+			refs[i] = ref
 		}
+		prev = &rows[i]
 	}
 	if len(rows) == 0 {
 		return nil, nil
@@ -207,6 +245,9 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 	err = db.Transaction(func(db *gorm.DB) error {
 		groups := map[string]*int64{}
 		for i, ref := range refs {
+			if ref == "" {
+				continue
+			}
 			if groups[ref] == nil {
 				if groups[ref], err = p.joinGroup(db, ref); err != nil {
 					return err
@@ -214,7 +255,11 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 			}
 			rows[i].GroupID = groups[ref]
 		}
-		return db.CreateInBatches(rows, p.dialect.maxParams()/jobColumns).Error
+		if err := p.insertJobs(db, rows, m); err != nil {
+			return err
+		}
+		p.jobsInserted(db)
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("async: schedule many: %w", err)
@@ -226,5 +271,18 @@ func ScheduleMany(tx *gorm.DB, calls ...Call) ([]*Job, error) {
 	return out, nil
 }
 
-// jobColumns is how many bound parameters one async_job row takes in an INSERT.
-const jobColumns = 19
+// jobsInserted does for a bulk insert through db what the
+// async:wake_on_job_insert callback (afterCreate) does for GORM's Create: it
+// marks a transaction of the plugin's pool as having inserted jobs, so that
+// its commit wakes this process's idle workers, or wakes them at once when
+// the insert committed already.
+func (p *Plugin) jobsInserted(db *gorm.DB) {
+	switch c := db.Statement.ConnPool.(type) {
+	case *wakeTx:
+		c.hasJobs.Store(true)
+	case gorm.TxCommitter:
+		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
+	default:
+		p.wakers.broadcast()
+	}
+}
