@@ -167,6 +167,11 @@ func resolveTask(fn any) (string, *task, error) {
 		if f == "" {
 			return "", nil, errorf(ErrNilTask, "empty task name")
 		}
+		if len(f) > 191 {
+			// The column's size: Postgres and MySQL would refuse the row,
+			// SQLite would keep it.
+			return "", nil, errorf(ErrUnknownTask, "task name %.40q... is longer than 191 bytes", f)
+		}
 		return f, lookupTask(f), nil
 	}
 	v := reflect.ValueOf(fn)
