@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"strings"
 	"sync"
+	"time"
 
 	"gorm.io/gorm"
 )
@@ -21,30 +22,49 @@ import (
 const maxHotStmts = 64
 
 type stmtCache struct {
-	mu    sync.Mutex
-	stmts map[string]*sql.Stmt
+	mu        sync.Mutex
+	stmts     map[string]*sql.Stmt
+	preparing map[string]bool
 }
 
-// prepared returns q prepared on db, or nil when it should run unprepared.
+// prepareWait bounds how long preparing a statement may wait for a pooled
+// connection.
+const prepareWait = 100 * time.Millisecond
+
+// prepared returns q prepared on the pool, or nil when it should run
+// unprepared this time. Preparing takes a connection of its own (database/sql
+// prepares on the pool, then again on each connection at first use), and
+// the caller may already hold one inside a transaction: so it never waits
+// on a busy pool, which could deadlock a worker whose pool is just large
+// enough, and callers meanwhile run the statement unprepared.
 func (p *Plugin) prepared(ctx context.Context, q string) *sql.Stmt {
 	if !p.dialect.prepareHot() || p.sqlDB == nil {
 		return nil
 	}
 	c := &p.stmts
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if s, ok := c.stmts[q]; ok {
+		c.mu.Unlock()
 		return s
 	}
-	if len(c.stmts) >= maxHotStmts {
+	if len(c.stmts) >= maxHotStmts || c.preparing[q] || p.sqlDB.Stats().Idle == 0 {
+		c.mu.Unlock()
 		return nil
 	}
-	s, err := p.sqlDB.PrepareContext(ctx, q)
+	if c.preparing == nil {
+		c.preparing, c.stmts = map[string]bool{}, map[string]*sql.Stmt{}
+	}
+	c.preparing[q] = true
+	c.mu.Unlock()
+
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), prepareWait)
+	s, err := p.sqlDB.PrepareContext(pctx, q)
+	cancel()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.preparing, q)
 	if err != nil {
 		return nil // run it unprepared; the error, if real, shows there
-	}
-	if c.stmts == nil {
-		c.stmts = map[string]*sql.Stmt{}
 	}
 	c.stmts[q] = s
 	return s
