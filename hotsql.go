@@ -47,7 +47,7 @@ func (p *Plugin) prepared(ctx context.Context, q string) *sql.Stmt {
 		c.mu.Unlock()
 		return s
 	}
-	if len(c.stmts) >= maxHotStmts || c.preparing[q] || p.sqlDB.Stats().Idle == 0 {
+	if len(c.stmts) >= maxHotStmts || c.preparing[q] || poolFull(p.sqlDB) {
 		c.mu.Unlock()
 		return nil
 	}
@@ -68,6 +68,12 @@ func (p *Plugin) prepared(ctx context.Context, q string) *sql.Stmt {
 	}
 	c.stmts[q] = s
 	return s
+}
+
+// poolFull reports whether taking a connection from db would wait.
+func poolFull(db *sql.DB) bool {
+	s := db.Stats()
+	return s.MaxOpenConnections > 0 && s.InUse >= s.MaxOpenConnections
 }
 
 // sqlTxOf is the *sql.Tx under a GORM transaction handle, if there is one.
