@@ -155,16 +155,6 @@ func (d *dialect) updateReturning() bool {
 	return false
 }
 
-// claimOrder is the run order: priority, then due scheduled jobs by
-// (scheduled, id), then unscheduled jobs by id. Postgres sorts NULLs last in
-// ascending order; the others sort them first, hence the IS NULL term.
-func (d *dialect) claimOrder() string {
-	if d.kind == kindPostgres {
-		return "j.priority DESC, j.scheduled, j.id"
-	}
-	return "j.priority DESC, j.scheduled IS NULL, j.scheduled, j.id"
-}
-
 // timeParam is a bound time parameter where the statement gives it no type
 // (a CASE branch): Postgres must be told.
 func (d *dialect) timeParam() string {
@@ -173,13 +163,6 @@ func (d *dialect) timeParam() string {
 	}
 	return "?"
 }
-
-// splitClaim reports whether a claim reads due scheduled and unscheduled jobs
-// in two queries. MySQL sorts NULLs first and MariaDB has no expression
-// indexes, so the run order (scheduled jobs before unscheduled ones) cannot
-// come from an index in one query: it would sort every pending job on each
-// claim. Each half, though, is in the order of async_job_pending.
-func (d *dialect) splitClaim() bool { return d.kind == kindMySQL }
 
 // lazyCommitFrom, added to an UPDATE run on its own (autocommit), lets its
 // commit return before its WAL is flushed to disk: set_config(..., true)
@@ -247,17 +230,23 @@ func (d *dialect) migrateExtras(db *gorm.DB) error {
 BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 			`DROP TRIGGER IF EXISTS async_job_notify ON async_job`,
 			`CREATE TRIGGER async_job_notify AFTER INSERT ON async_job FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()`,
-			// Matches claimOrder, so a claim reads pending jobs in order and stops at its LIMIT.
+			// A claim reads it in two ranges per priority (claimIDs), each in
+			// order, and stops at its LIMIT.
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
 	case kindSQLite:
+		// As on Postgres; SQLite sorts NULLs first, so the expression
+		// column puts the unscheduled jobs of a priority after the
+		// scheduled ones.
 		stmts = []string{
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
 	case kindMySQL:
 		// No partial indexes: pending rows are those NULL in the first three
-		// columns. Each half of a split claim reads it in order. (DESC is
-		// honoured from MySQL 8 and MariaDB 10.8; older servers sort.)
+		// columns. A claim reads it one priority at a time, in two exact
+		// ranges, ascending within the priority (selectClaimable). (DESC is
+		// honoured from MySQL 8 and MariaDB 10.8; the claim does not depend
+		// on it.)
 		if !db.Migrator().HasIndex(&Job{}, "async_job_pending") {
 			stmts = []string{`CREATE INDEX async_job_pending ON async_job (executed, cancelled, failed, priority DESC, scheduled, id)`}
 		}

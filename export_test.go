@@ -1,7 +1,9 @@
 package async
 
 import (
+	"context"
 	"fmt"
+	"time"
 
 	"gorm.io/gorm"
 )
@@ -23,4 +25,37 @@ func ScheduleManyWith(method string, tx *gorm.DB, calls ...Call) ([]*Job, error)
 		return nil, fmt.Errorf("async: unknown insert method %q", method)
 	}
 	return scheduleMany(tx, calls, m)
+}
+
+// ClaimForTest claims up to limit due jobs of the given queues (all when
+// none) for owner, as a worker does, with a lease of a day, and returns
+// them in run order.
+func ClaimForTest(db *gorm.DB, owner string, limit int, queues ...string) ([]*Job, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return nil, err
+	}
+	return p.claim(context.Background(), &claimFilter{queues: queues, limit: limit, lease: 24 * time.Hour, owner: owner})
+}
+
+// ClaimStatementForTest is the one-statement claim's SELECT of job ids
+// (Postgres and SQLite) for limit jobs of the given queues, with its
+// arguments, as of the plugin's current time.
+func ClaimStatementForTest(db *gorm.DB, limit int, queues ...string) (string, []any, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return "", nil, err
+	}
+	q, args := p.claimIDs(&claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
+	return q, args, nil
+}
+
+// SelectClaimableForTest runs the claim's read of up to limit claimable jobs
+// of the given queues in the caller's transaction tx, without leasing them.
+func SelectClaimableForTest(tx *gorm.DB, limit int, queues ...string) ([]*Job, error) {
+	p, err := pluginOf(tx)
+	if err != nil {
+		return nil, err
+	}
+	return p.selectClaimable(tx, &claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
 }
