@@ -33,17 +33,27 @@ func (e *env) timeLiteral(t time.Time) string {
 // gets arguments first, first+1, ...). Executed jobs are finished rows, as a
 // worker leaves them.
 func (e *env) bulkJobs(ctx context.Context, db *sql.DB, task string, first int64, n int, executed bool) error {
+	return e.bulkJobsAt(ctx, db, task, first, n, executed, nil)
+}
+
+// bulkJobsAt is bulkJobs with the jobs scheduled to run at scheduled (nil:
+// as soon as possible).
+func (e *env) bulkJobsAt(ctx context.Context, db *sql.DB, task string, first int64, n int, executed bool, scheduled *time.Time) error {
 	now := time.Now()
 	ts := e.timeLiteral(now)
 	doneAt, result := "NULL", "''"
 	if executed {
 		doneAt, result = ts, "'null'"
 	}
+	at := "NULL"
+	if scheduled != nil {
+		at = e.timeLiteral(*scheduled)
+	}
 	var noopID string
 	if task == taskNoop {
 		noopID = textIdentity(taskNoop, nil)
 	}
-	const head = "INSERT INTO async_job (name, queue, args, kwargs, meta, result, priority, identity, added, started, executed, attempts, max_attempts, locked_by) VALUES "
+	const head = "INSERT INTO async_job (name, queue, args, kwargs, meta, result, priority, identity, added, scheduled, started, executed, attempts, max_attempts, locked_by) VALUES "
 	var b strings.Builder
 	for done0 := 0; done0 < n; {
 		k := min(bulkRowsPerStmt, n-done0)
@@ -62,8 +72,8 @@ func (e *env) bulkJobs(ctx context.Context, db *sql.DB, task string, first int64
 			if executed {
 				attempts = 1
 			}
-			fmt.Fprintf(&b, "('%s','default','%s','{}','{}',%s,5,'%s',%s,%s,%s,%d,25,'')",
-				task, args, result, ident, ts, doneAt, doneAt, attempts)
+			fmt.Fprintf(&b, "('%s','default','%s','{}','{}',%s,5,'%s',%s,%s,%s,%s,%d,25,'')",
+				task, args, result, ident, ts, at, doneAt, doneAt, attempts)
 		}
 		if _, err := db.ExecContext(ctx, b.String()); err != nil {
 			return fmt.Errorf("%s: bulk insert: %w", e.kind, err)
