@@ -271,13 +271,18 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 				// One statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
 				// SKIP LOCKED) RETURNING *.
 				sel, args := p.claimIDs(f, now)
+				args = append([]any{f.owner, lease}, args...)
+				set := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ?"
+				if p.dialect.pipeline && p.sqlDB != nil {
+					var err error
+					jobs, err = pipeClaim(ctx, p.sqlDB, set+" WHERE id IN ("+sel+") RETURNING "+jobColumnList, args)
+					return err
+				}
 				lazy, ret := p.dialect.lazyCommitFrom(), "*"
 				if lazy != "" {
 					ret = jobTable + ".*" // not the FROM item's column
 				}
-				q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ?" + lazy +
-					" WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + ret
-				args = append([]any{f.owner, lease}, args...)
+				q := set + lazy + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + ret
 				var err error
 				jobs, err = p.queryJobs(p.session(ctx), q, args...)
 				return err

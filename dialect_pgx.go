@@ -158,3 +158,85 @@ func pipeRollback(ctx context.Context, conn *sql.Conn) {
 	})
 	_ = conn.Close()
 }
+
+// jobColumns lists async_job's columns in the order scanJob reads them.
+const jobColumnList = "id, name, queue, args, kwargs, meta, result, priority, identity, added, scheduled, started, executed, cancelled, failed, attempts, max_attempts, locked_until, locked_by, group_id"
+
+// pipeClaim runs a claim (an UPDATE ... RETURNING jobColumnList with ?
+// placeholders) in its own transaction in one round trip, with two settings
+// for that transaction only: its commit does not wait for the WAL flush
+// (see dialect.lazyCommitFrom), and the statement runs on a generic plan.
+// The claim's statement walks priorities in a recursive CTE: planning it
+// for its parameters (Postgres's default for a prepared statement whose
+// generic plan looks dearer) cost several times its execution.
+func pipeClaim(ctx context.Context, sqlDB *sql.DB, q string, args []any) ([]*Job, error) {
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	var jobs []*Job
+	err = withPgx(conn, func(pc *pgx.Conn) error {
+		b := &pgx.Batch{}
+		b.Queue("BEGIN")
+		b.Queue("SET LOCAL synchronous_commit = off")
+		b.Queue("SET LOCAL plan_cache_mode = force_generic_plan")
+		b.Queue(rebind(q), args...)
+		b.Queue("COMMIT")
+		br := pc.SendBatch(ctx, b)
+		err := func() error {
+			for i := 0; i < 3; i++ {
+				if _, err := br.Exec(); err != nil {
+					return err
+				}
+			}
+			rows, err := br.Query()
+			if err != nil {
+				return err
+			}
+			for rows.Next() {
+				j, err := scanJob(rows)
+				if err != nil {
+					rows.Close()
+					return err
+				}
+				jobs = append(jobs, j)
+			}
+			rows.Close()
+			if err := rows.Err(); err != nil {
+				return err
+			}
+			tag, err := br.Exec()
+			if err == nil && tag.String() != "COMMIT" {
+				err = errRolledBackAtCommit
+			}
+			return err
+		}()
+		if cerr := br.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil && pc.PgConn().TxStatus() != 'I' {
+			if _, rerr := pc.Exec(ctx, "ROLLBACK"); rerr != nil {
+				return fmt.Errorf("%w (%w)", err, driver.ErrBadConn)
+			}
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return jobs, nil
+}
+
+// scanJob reads a row of jobColumnList.
+func scanJob(rows pgx.Rows) (*Job, error) {
+	j := new(Job)
+	var result *string
+	err := rows.Scan(&j.ID, &j.Name, &j.Queue, &j.Args, &j.Kwargs, &j.Meta, &result, &j.Priority, &j.Identity, &j.Added,
+		&j.Scheduled, &j.Started, &j.Executed, &j.Cancelled, &j.Failed, &j.Attempts, &j.MaxAttempts, &j.LockedUntil,
+		&j.LockedBy, &j.GroupID)
+	if result != nil {
+		j.Result = *result
+	}
+	return j, err
+}
