@@ -218,12 +218,20 @@ func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func
 			args = append(args, due)
 		}
 		q := p.priorityProbe(len(below) > 0)
+		args = append(args, below...)
 		ctx := db.Statement.Context
 		var rows *sql.Rows
-		if s, tx := p.prepared(ctx, q), sqlTxOf(db); s != nil && tx != nil {
-			rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, append(args, below...)...)
-		} else {
-			rows, err = db.Raw(q, append(args, below...)...).Rows()
+		// Straight to database/sql where possible: GORM's statement
+		// building costs as much as SQLite's running this.
+		switch s, tx := p.prepared(ctx, q), sqlTxOf(db); {
+		case s != nil && tx != nil:
+			rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
+		case tx != nil:
+			rows, err = tx.QueryContext(ctx, q, args...)
+		case p.sqlDB != nil && isPool(db):
+			rows, err = p.sqlDB.QueryContext(ctx, q, args...)
+		default:
+			rows, err = db.Raw(q, args...).Rows()
 		}
 		if err != nil {
 			return 0, false, false, err
