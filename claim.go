@@ -9,6 +9,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -111,150 +112,203 @@ func (p *Plugin) claimConds(f *claimFilter, now time.Time) (string, []any) {
 	return b.String(), args
 }
 
-// topPriority is the SQL of the highest pending priority, or with below
-// (SQL of a priority) the highest one below it: one descent of
-// async_job_pending.
-func topPriority(below string) string {
-	q := "SELECT t.priority FROM " + jobTable + " t WHERE " + pending("t")
-	if below != "" {
-		q += " AND t.priority < " + below
+// priorityProbe is the SQL of the highest pending priority (below ?, with
+// below), one descent of async_job_pending. On SQLite it also tells whether
+// that priority has due scheduled jobs (one more descent, arguments: the due
+// time first), so that the claim skips that half's statement when it has
+// none; MySQL would read that subquery by reference to the priority, through
+// every unscheduled job of it.
+func (p *Plugin) priorityProbe(below bool) string {
+	q := "SELECT t.priority"
+	if p.dialect.kind == kindSQLite {
+		q += ", EXISTS (SELECT 1 FROM " + jobTable + " d WHERE " + pending("d") +
+			" AND d.priority = t.priority AND (d.scheduled IS NULL) = 0 AND d.scheduled <= ?)"
+	}
+	q += " FROM " + jobTable + " t WHERE " + pending("t")
+	if below {
+		q += " AND t.priority < ?"
 	}
 	return q + " ORDER BY t.priority DESC LIMIT 1"
 }
 
-// claimHalf is a read of one half of the due jobs, at most ? of them, first
-// in run order, row-locked where the dialect locks. prio is the SQL
-// condition on j.priority (and, on SQLite, on the index's expression column
-// scheduled IS NULL); order the ORDER BY list. Its arguments: for
-// dueScheduled the due time, then those of conds, then the limit.
-func (p *Plugin) claimHalf(cols, prio string, set dueSet, conds, order string) string {
-	q := "SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j") + " AND " + prio
-	if set == dueScheduled {
+// claimHalf is a read of one half of a priority's due jobs, at most limit
+// of them (SQL: a number or a placeholder), first in run order, row-locked
+// where the dialect locks. prio is the SQL of the priority (a placeholder
+// or a column). Its arguments: the priority if a placeholder, for
+// dueScheduled the due time, then those of conds, then the limit if a
+// placeholder.
+func (p *Plugin) claimHalf(cols, prio string, set dueSet, conds, limit string) string {
+	q := "SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j") + " AND j.priority = " + prio
+	// Both halves are ordered by (scheduled, id): for the unscheduled ones
+	// (all NULL) that is id order, and Postgres and SQLite then see the
+	// index serve it. MySQL reads the unscheduled half as a lookup of
+	// scheduled IS NULL (an equality there) and needs ORDER BY id instead.
+	order := "j.scheduled, j.id"
+	switch {
+	case set == dueScheduled && p.dialect.kind == kindSQLite:
+		// The index's expression column (scheduled IS NULL) must be bound
+		// for SQLite to reach the scheduled column's range.
+		q += " AND (j.scheduled IS NULL) = 0 AND j.scheduled <= ?"
+	case set == dueScheduled:
 		q += " AND j.scheduled <= ?"
-	} else {
+	case p.dialect.kind == kindSQLite:
+		q += " AND (j.scheduled IS NULL) = 1 AND j.scheduled IS NULL"
+	case p.dialect.kind == kindMySQL:
+		q += " AND j.scheduled IS NULL"
+		order = "j.id"
+	default:
 		q += " AND j.scheduled IS NULL"
 	}
-	return q + conds + " ORDER BY " + order + " LIMIT ?" + p.dialect.lockClause()
+	return q + conds + " ORDER BY " + order + " LIMIT " + limit + p.dialect.lockClause()
 }
 
-// halfArgs are claimHalf's arguments.
-func halfArgs(set dueSet, due time.Time, cargs []any, limit int) []any {
+// halfArgs are claimHalf's arguments between the priority and the limit.
+func halfArgs(set dueSet, due time.Time, cargs []any) []any {
 	var args []any
 	if set == dueScheduled {
 		args = append(args, due)
 	}
-	args = append(args, cargs...)
-	return append(args, limit)
+	return append(args, cargs...)
 }
 
-// claimIDs is one statement selecting (and, on Postgres, row-locking) the
-// ids of up to f.limit claimable jobs, the first ones in run order; the
-// claim of Postgres and SQLite is UPDATE ... WHERE id IN (claimIDs)
-// RETURNING.
+// claimIDs is the Postgres claim's SELECT of (and row locks on) the ids of
+// up to f.limit claimable jobs, the first in run order: its claim is the one
+// statement UPDATE ... WHERE id IN (claimIDs) RETURNING. A recursive CTE
+// walks the pending priorities, and a LATERAL subquery reads each one's two
+// halves. The nested loop yields jobs in run order and the outer LIMIT stops
+// it, so that the walk goes no further down than needed and exactly the
+// jobs taken are locked (SKIP LOCKED passes over those that other claims
+// hold).
 //
-// Postgres walks the priorities in a recursive CTE and reads each one's two
-// halves in a LATERAL subquery. The nested loop yields jobs in run order
-// and the outer LIMIT stops it, so that the recursion goes no further down
-// than needed and exactly the jobs taken are locked (SKIP LOCKED passes
-// over those that other claims hold). Both halves are ordered by
-// (scheduled, id), which for the unscheduled ones (all NULL) is id order,
-// so that the planner sees the index order serve them.
-//
-// SQLite has no LATERAL. It lists the pending priorities with the same
-// recursion (one descent each) and reads each half over all of them with
-// priority IN (...), which it serves from the index, in order, stopping at
-// the limit; at most twice the limit jobs are then merged in run order.
-// (scheduled IS NULL) = 0 or 1 binds the index's expression column. SQLite
-// has no row locks: a claim holds the database's write lock.
+// The limits are literals: with LIMIT $n the planner cannot cost a generic
+// plan (it guesses a tenth of the rows) and plans every execution anew (a
+// quarter of a millisecond for this statement); with literal limits the
+// prepared statement (pgx keeps one per connection and text) runs its
+// generic plan from the sixth execution on. A worker uses a few limits, one
+// per number of free slots.
 func (p *Plugin) claimIDs(f *claimFilter, now time.Time) (string, []any) {
 	conds, cargs := p.claimConds(f, now)
 	due := f.dueTime(now)
-	prios := "WITH RECURSIVE pr(p) AS (SELECT (" + topPriority("") + ") UNION ALL SELECT (" +
-		topPriority("pr.p") + ") FROM pr WHERE pr.p IS NOT NULL) "
-	args := append(halfArgs(dueScheduled, due, cargs, f.limit), halfArgs(dueUnscheduled, due, cargs, f.limit)...)
-	args = append(args, f.limit)
-	if p.dialect.kind == kindPostgres {
-		const order = "j.scheduled, j.id"
-		return prios + "SELECT c.id FROM pr CROSS JOIN LATERAL (SELECT * FROM (" +
-			p.claimHalf("j.id", "j.priority = pr.p", dueScheduled, conds, order) + ") s UNION ALL SELECT * FROM (" +
-			p.claimHalf("j.id", "j.priority = pr.p", dueUnscheduled, conds, order) + ") u) c WHERE pr.p IS NOT NULL LIMIT ?", args
-	}
-	const order = "j.priority DESC, j.scheduled, j.id"
-	const in = "j.priority IN (SELECT p FROM pr) AND (j.scheduled IS NULL) = "
-	return prios + "SELECT id FROM (SELECT * FROM (" +
-		p.claimHalf("j.id, j.priority, 0 AS half, j.scheduled", in+"0", dueScheduled, conds, order) + ") UNION ALL SELECT * FROM (" +
-		p.claimHalf("j.id, j.priority, 1 AS half, j.scheduled", in+"1", dueUnscheduled, conds, order) +
-		")) ORDER BY priority DESC, half, scheduled, id LIMIT ?", args
+	limit := strconv.Itoa(f.limit)
+	walk := "WITH RECURSIVE pr(p) AS (SELECT (SELECT t.priority FROM " + jobTable + " t WHERE " + pending("t") +
+		" ORDER BY t.priority DESC LIMIT 1) UNION ALL SELECT (SELECT t.priority FROM " + jobTable + " t WHERE " + pending("t") +
+		" AND t.priority < pr.p ORDER BY t.priority DESC LIMIT 1) FROM pr WHERE pr.p IS NOT NULL) "
+	return walk + "SELECT c.id FROM pr CROSS JOIN LATERAL (SELECT * FROM (" +
+			p.claimHalf("j.id", "pr.p", dueScheduled, conds, limit) + ") s UNION ALL SELECT * FROM (" +
+			p.claimHalf("j.id", "pr.p", dueUnscheduled, conds, limit) + ") u) c WHERE pr.p IS NOT NULL LIMIT " + limit,
+		append(halfArgs(dueScheduled, due, cargs), halfArgs(dueUnscheduled, due, cargs)...)
 }
 
-// selectClaimable reads (and row-locks) up to f.limit claimable jobs in run
-// order inside the claim transaction tx: where a claim cannot be one UPDATE
-// ... RETURNING (MySQL, MariaDB; SQLite before 3.35).
+// walkClaim is the claim of MySQL, MariaDB and SQLite: it walks the pending
+// priorities itself, from the highest down, one probe (priorityProbe) each,
+// and calls take for each half of a priority's due jobs with the number of
+// jobs still wanted, until it has f.limit jobs or no priority is left.
 //
 // MySQL and MariaDB cannot serve claimIDs from an index (their range
 // optimizer takes no priority from a subquery, and a recursive CTE there
-// reads every pending row), so the claim walks the priorities itself: one
-// descent for the next priority, then the two halves with the priority
-// bound, each asking only for the jobs still missing, so that no job is
-// locked that the claim does not take. Each read is an exact range of
-// async_job_pending (executed, cancelled, failed, priority, scheduled, id)
-// in index order, ascending within the priority, which servers that ignore
-// DESC in an index serve as well.
-func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]*Job, error) {
-	if p.dialect.kind != kindMySQL {
-		q, args := p.claimIDs(f, now)
-		return p.queryJobs(tx, "SELECT * FROM "+jobTable+" WHERE id IN ("+q+")", args...)
-	}
-	conds, cargs := p.claimConds(f, now)
+// reads every pending row). SQLite could, but the pure-Go driver compiles
+// every statement on every execution, and a few short statements cost less
+// than claimIDs' one.
+func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func(prio int, set dueSet, want int) ([]*Job, error)) ([]*Job, error) {
 	due := f.dueTime(now)
 	var jobs []*Job
-	prio, ok, err := p.queryPriority(tx, topPriority(""))
+	probe := func(below ...any) (prio int, hasDue, ok bool, err error) {
+		var args []any
+		if p.dialect.kind == kindSQLite {
+			args = append(args, due)
+		}
+		q := p.priorityProbe(len(below) > 0)
+		args = append(args, below...)
+		ctx := db.Statement.Context
+		var rows *sql.Rows
+		// Straight to database/sql where possible: GORM's statement
+		// building costs as much as SQLite's running this.
+		switch s, tx := p.prepared(ctx, q), sqlTxOf(db); {
+		case s != nil && tx != nil:
+			rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
+		case tx != nil:
+			rows, err = tx.QueryContext(ctx, q, args...)
+		case p.sqlDB != nil && isPool(db):
+			rows, err = p.sqlDB.QueryContext(ctx, q, args...)
+		default:
+			rows, err = db.Raw(q, args...).Rows()
+		}
+		if err != nil {
+			return 0, false, false, err
+		}
+		defer rows.Close()
+		hasDue = true // MySQL: unknown, look
+		if rows.Next() {
+			dest := []any{&prio}
+			if p.dialect.kind == kindSQLite {
+				dest = append(dest, &hasDue)
+			}
+			if err := rows.Scan(dest...); err != nil {
+				return 0, false, false, err
+			}
+			ok = true
+		}
+		return prio, hasDue, ok, rows.Err()
+	}
+	prio, hasDue, ok, err := probe()
 	for ok && err == nil && len(jobs) < f.limit {
 		for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
-			if len(jobs) == f.limit {
-				break
+			if len(jobs) == f.limit || set == dueScheduled && !hasDue {
+				continue
 			}
-			// MySQL reads the unscheduled half as a ref lookup (IS NULL is an
-			// equality there) and needs ORDER BY id to see the index order.
-			order := "j.scheduled, j.id"
-			if set == dueUnscheduled {
-				order = "j.id"
-			}
-			q := p.claimHalf("j.*", "j.priority = ?", set, conds, order)
-			part, err := p.queryJobs(tx, q, append([]any{prio}, halfArgs(set, due, cargs, f.limit-len(jobs))...)...)
+			part, err := take(prio, set, f.limit-len(jobs))
 			if err != nil {
-				return nil, err
+				return jobs, err
 			}
 			jobs = append(jobs, part...)
 		}
 		if len(jobs) < f.limit {
-			prio, ok, err = p.queryPriority(tx, topPriority("?"), prio)
+			prio, hasDue, ok, err = probe(prio)
 		}
 	}
 	return jobs, err
 }
 
-// queryPriority runs a query for one priority (topPriority) in tx; ok is
-// false when it found none.
-func (p *Plugin) queryPriority(tx *gorm.DB, q string, args ...any) (prio int, ok bool, err error) {
-	ctx := tx.Statement.Context
-	var rows *sql.Rows
-	if s, stx := p.prepared(ctx, q), sqlTxOf(tx); s != nil && stx != nil {
-		rows, err = stx.StmtContext(ctx, s).QueryContext(ctx, args...)
-	} else {
-		rows, err = tx.Raw(q, args...).Rows()
+// selectClaimable reads (and row-locks) up to f.limit claimable jobs in run
+// order inside the claim transaction tx: the claim of MySQL and MariaDB
+// (and of SQLite before 3.35, which has no RETURNING). Each half asks only
+// for the jobs still missing and is an exact range of async_job_pending
+// (executed, cancelled, failed, priority, scheduled, id), read in index
+// order, ascending within the priority, which servers that ignore DESC in
+// an index serve as well. So a MySQL claim locks the jobs it takes and
+// besides only rows it passes over that another claim or run holds (SKIP
+// LOCKED: InnoDB keeps its lock on their index entry until the claim
+// commits) and, when a read runs to the end of its range, the index entry
+// past the end, whose lock InnoDB keeps too. It used to lock every pending
+// row its first read passed over, which made completions wait for claims
+// and deadlock with them.
+func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]*Job, error) {
+	conds, cargs := p.claimConds(f, now)
+	due := f.dueTime(now)
+	return p.walkClaim(tx, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
+		args := append(append([]any{prio}, halfArgs(set, due, cargs)...), want)
+		return p.queryJobs(tx, p.claimHalf("j.*", "?", set, conds, "?"), args...)
+	})
+}
+
+// claimSQLite is the claim of SQLite: walkClaim, each half taken by one
+// UPDATE ... WHERE id IN (half) RETURNING, which re-reads the half at the
+// database's write lock, so that the claim needs no transaction of its own.
+func (p *Plugin) claimSQLite(db *gorm.DB, f *claimFilter, now, lease time.Time) ([]*Job, error) {
+	conds, cargs := p.claimConds(f, now)
+	due := f.dueTime(now)
+	jobs, err := p.walkClaim(db, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
+		q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" +
+			p.claimHalf("j.id", "?", set, conds, "?") + ") RETURNING *"
+		args := append(append([]any{f.owner, lease, prio}, halfArgs(set, due, cargs)...), want)
+		return p.queryJobs(db, q, args...)
+	})
+	if err != nil && len(jobs) > 0 {
+		// Those are leased (committed): run them; the error shows again at
+		// the next claim.
+		return jobs, nil
 	}
-	if err != nil {
-		return 0, false, err
-	}
-	defer rows.Close()
-	if rows.Next() {
-		if err := rows.Scan(&prio); err != nil {
-			return 0, false, err
-		}
-		ok = true
-	}
-	return prio, ok, rows.Err()
+	return jobs, err
 }
 
 // claim takes up to f.limit runnable jobs for f.owner, in run order. Jobs
@@ -267,24 +321,24 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 	err := p.serialize(func() error {
 		return retryDeadlock(ctx, func() error {
 			jobs = jobs[:0]
-			if p.dialect.updateReturning() {
-				// One statement: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE
-				// SKIP LOCKED) RETURNING *.
+			switch {
+			case p.dialect.kind == kindPostgres:
+				// One statement: UPDATE ... WHERE id IN (SELECT ... FOR
+				// UPDATE SKIP LOCKED) RETURNING *.
 				sel, args := p.claimIDs(f, now)
-				args = append([]any{f.owner, lease}, args...)
 				set := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ?"
 				if p.dialect.pipeline && p.sqlDB != nil {
 					var err error
-					jobs, err = pipeClaim(ctx, p.sqlDB, set+" WHERE id IN ("+sel+") RETURNING "+jobColumnList, args)
+					jobs, err = pipeClaim(ctx, p.sqlDB, set+" WHERE id IN ("+sel+") RETURNING "+jobColumnList, append([]any{f.owner, lease}, args...))
 					return err
 				}
-				lazy, ret := p.dialect.lazyCommitFrom(), "*"
-				if lazy != "" {
-					ret = jobTable + ".*" // not the FROM item's column
-				}
-				q := set + lazy + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + ret
+				q := set + p.dialect.lazyCommitFrom() + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + jobTable + ".*" // not the FROM item's column
 				var err error
-				jobs, err = p.queryJobs(p.session(ctx), q, args...)
+				jobs, err = p.queryJobs(p.session(ctx), q, append([]any{f.owner, lease}, args...)...)
+				return err
+			case p.dialect.kind == kindSQLite && p.dialect.updateReturning():
+				var err error
+				jobs, err = p.claimSQLite(p.session(ctx), f, now, lease)
 				return err
 			}
 			return p.session(ctx).Transaction(func(tx *gorm.DB) error {

@@ -38,16 +38,34 @@ func ClaimForTest(db *gorm.DB, owner string, limit int, queues ...string) ([]*Jo
 	return p.claim(context.Background(), &claimFilter{queues: queues, limit: limit, lease: 24 * time.Hour, owner: owner})
 }
 
-// ClaimStatementForTest is the one-statement claim's SELECT of job ids
-// (Postgres and SQLite) for limit jobs of the given queues, with its
-// arguments, as of the plugin's current time.
-func ClaimStatementForTest(db *gorm.DB, limit int, queues ...string) (string, []any, error) {
+// ClaimStatementsForTest are the statements of a claim of limit jobs of the
+// given queues, with their arguments, as of the plugin's current time: on
+// Postgres its one SELECT of job ids; elsewhere the probes for the highest
+// priority and the one below 5, and the reads of priority 5's due scheduled
+// and unscheduled jobs.
+func ClaimStatementsForTest(db *gorm.DB, limit int, queues ...string) ([]string, [][]any, error) {
 	p, err := pluginOf(db)
 	if err != nil {
-		return "", nil, err
+		return nil, nil, err
 	}
-	q, args := p.claimIDs(&claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
-	return q, args, nil
+	now := p.now()
+	f := &claimFilter{queues: queues, limit: limit, lease: time.Minute}
+	if p.dialect.kind == kindPostgres {
+		q, args := p.claimIDs(f, now)
+		return []string{q}, [][]any{args}, nil
+	}
+	var due []any
+	if p.dialect.kind == kindSQLite {
+		due = []any{now}
+	}
+	conds, cargs := p.claimConds(f, now)
+	qs := []string{p.priorityProbe(false), p.priorityProbe(true)}
+	args := [][]any{due, append(due, 5)}
+	for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
+		qs = append(qs, p.claimHalf("j.id", "?", set, conds, "?"))
+		args = append(args, append(append([]any{5}, halfArgs(set, now, cargs)...), limit))
+	}
+	return qs, args, nil
 }
 
 // SelectClaimableForTest runs the claim's read of up to limit claimable jobs

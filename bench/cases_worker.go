@@ -44,15 +44,12 @@ const maxRateGrowth = 2
 
 // Rates assumed for the first case of a kind in a run (jobs/s): above what
 // the first cases (c=1) reach on a small machine, so that they rather
-// overfill. Lower on MySQL, where a claim's cost grows with the number of
-// pending jobs (the due-scheduled half of its split claim reads every
-// pending row), so that too deep a queue slows the workers measured: a
-// first case that outruns its prefill is left to the feeder, and the note.
+// overfill. A claim's cost does not depend on how many jobs are pending, on
+// any database, so overfilling costs only the untimed prefill. (MySQL used
+// to start lower: its claims read every pending row.)
 const (
-	defaultStrictRate      = 3000
-	defaultGroupRate       = 20000
-	defaultMySQLStrictRate = 1000
-	defaultMySQLGroupRate  = 5000
+	defaultStrictRate = 3000
+	defaultGroupRate  = 20000
 )
 
 // rateKey is the kind of throughput case a rate estimate is kept for, per
@@ -80,14 +77,8 @@ func (d *dbRun) rateEstimate(wc workerCase) float64 {
 	if p, ok := d.rates[keyOf(wc)]; ok {
 		return p.rate * min(maxRateGrowth, max(1, float64(wc.conc)/float64(p.conc)))
 	}
-	mysql := d.e != nil && d.e.kind == "mysql"
-	switch {
-	case wc.batch > 1 && mysql:
-		return defaultMySQLGroupRate
-	case wc.batch > 1:
+	if wc.batch > 1 {
 		return defaultGroupRate
-	case mysql:
-		return defaultMySQLStrictRate
 	}
 	return defaultStrictRate
 }
