@@ -3,7 +3,6 @@ package async
 import (
 	"context"
 	"crypto/rand"
-	"database/sql"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -219,20 +218,9 @@ func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func
 		}
 		q := p.priorityProbe(len(below) > 0)
 		args = append(args, below...)
-		ctx := db.Statement.Context
-		var rows *sql.Rows
-		// Straight to database/sql where possible: GORM's statement
-		// building costs as much as SQLite's running this.
-		switch s, tx := p.prepared(ctx, q), sqlTxOf(db); {
-		case s != nil && tx != nil:
-			rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
-		case tx != nil:
-			rows, err = tx.QueryContext(ctx, q, args...)
-		case p.sqlDB != nil && isPool(db):
-			rows, err = p.sqlDB.QueryContext(ctx, q, args...)
-		default:
-			rows, err = db.Raw(q, args...).Rows()
-		}
+		// Straight to database/sql (queryHot): GORM's statement building
+		// costs as much as SQLite's running this.
+		rows, err := p.queryHot(db, q, args...)
 		if err != nil {
 			return 0, false, false, err
 		}

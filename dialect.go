@@ -110,6 +110,12 @@ func parseVersion(v string) (int, int) {
 
 func versionMinor(v string) int { _, b := parseVersion(v); return b }
 
+// usePipeline decides pipeline once the plugin knows its pool (nil when
+// the pool is not a plain *sql.DB).
+func (d *dialect) usePipeline(sqlDB *sql.DB) {
+	d.pipeline = d.kind == kindPostgres && usesPgx(sqlDB)
+}
+
 // prepareHot reports whether the library's hot-path statements should be
 // prepared once per connection (hotsql.go). MySQL's driver otherwise
 // prepares, runs and closes every statement with arguments: two round trips
@@ -128,6 +134,10 @@ func (d *dialect) fenceSQL() string {
 	}
 	return "SELECT id FROM " + jobTable + where + " FOR UPDATE"
 }
+
+// questionMarks reports whether the driver takes ? placeholders as they
+// are; on Postgres GORM rewrites them into $1, $2, ...
+func (d *dialect) questionMarks() bool { return d.kind != kindPostgres }
 
 // lockClause is appended to the claim's SELECT.
 func (d *dialect) lockClause() string {

@@ -90,15 +90,7 @@ func pipeBegin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*s
 			tag, e := br.Exec()
 			n, err = tag.RowsAffected(), e
 		}
-		if cerr := br.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil && pc.PgConn().TxStatus() != 'I' {
-			if _, rerr := pc.Exec(ctx, "ROLLBACK"); rerr != nil {
-				return fmt.Errorf("%w (%w)", err, driver.ErrBadConn)
-			}
-		}
-		return err
+		return endBatch(ctx, pc, br, err)
 	})
 	if err != nil {
 		_ = conn.Close()
@@ -147,16 +139,36 @@ func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any) (n in
 // pipeRollback rolls back the transaction on conn and returns conn to the
 // pool, or discards it if the rollback failed.
 func pipeRollback(ctx context.Context, conn *sql.Conn) {
-	_ = withPgx(conn, func(pc *pgx.Conn) error {
-		if pc.PgConn().TxStatus() == 'I' {
-			return nil
-		}
-		if _, err := pc.Exec(ctx, "ROLLBACK"); err != nil {
-			return fmt.Errorf("async: rollback: %w (%w)", err, driver.ErrBadConn)
-		}
-		return nil
-	})
+	_ = withPgx(conn, func(pc *pgx.Conn) error { return rollbackOrDiscard(ctx, pc, nil) })
 	_ = conn.Close()
+}
+
+// endBatch closes br and, when the batch failed (err, or an error Close
+// reports), rolls back the transaction it left open (rollbackOrDiscard).
+func endBatch(ctx context.Context, pc *pgx.Conn, br pgx.BatchResults, err error) error {
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		return nil
+	}
+	return rollbackOrDiscard(ctx, pc, err)
+}
+
+// rollbackOrDiscard rolls back a transaction left open on pc, and returns
+// cause. If the rollback fails, the error also wraps driver.ErrBadConn, so
+// that database/sql discards the connection instead of pooling it.
+func rollbackOrDiscard(ctx context.Context, pc *pgx.Conn, cause error) error {
+	if pc.PgConn().TxStatus() == 'I' {
+		return cause
+	}
+	if _, err := pc.Exec(ctx, "ROLLBACK"); err != nil {
+		if cause == nil {
+			cause = fmt.Errorf("async: rollback: %w", err)
+		}
+		return fmt.Errorf("%w (%w)", cause, driver.ErrBadConn)
+	}
+	return cause
 }
 
 // jobColumns lists async_job's columns in the order scanJob reads them.
@@ -215,15 +227,7 @@ func pipeClaim(ctx context.Context, sqlDB *sql.DB, q string, args []any) ([]*Job
 			}
 			return err
 		}()
-		if cerr := br.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil && pc.PgConn().TxStatus() != 'I' {
-			if _, rerr := pc.Exec(ctx, "ROLLBACK"); rerr != nil {
-				return fmt.Errorf("%w (%w)", err, driver.ErrBadConn)
-			}
-		}
-		return err
+		return endBatch(ctx, pc, br, err)
 	})
 	if err != nil {
 		return nil, err

@@ -89,6 +89,40 @@ func sqlTxOf(db *gorm.DB) *sql.Tx {
 	return nil
 }
 
+// sqlRunner is what *sql.Tx and *sql.DB share.
+type sqlRunner interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+// hotTarget picks where a hot-path statement runs without GORM's statement
+// building: q prepared on db's transaction or pool (stmt), or else db's
+// *sql.Tx or pool, given q's text (on). Both are nil where GORM must run it:
+// where the driver's placeholders are not ?, and for a connection pool the
+// plugin does not know.
+func (p *Plugin) hotTarget(db *gorm.DB, q string) (stmt *sql.Stmt, on sqlRunner) {
+	if !p.dialect.questionMarks() {
+		return nil, nil
+	}
+	tx := sqlTxOf(db)
+	switch {
+	case tx != nil:
+		on = tx
+	case p.sqlDB != nil && isPool(db):
+		on = p.sqlDB
+	default:
+		return nil, nil
+	}
+	ctx := db.Statement.Context
+	if s := p.prepared(ctx, q); s != nil {
+		if tx != nil {
+			return tx.StmtContext(ctx, s), nil
+		}
+		return s, nil
+	}
+	return nil, on
+}
+
 // execHot runs a hot-path statement with ? placeholders on db (a session or
 // a transaction handle) and returns the rows it affected, or for a SELECT
 // the rows it returned.
@@ -97,35 +131,39 @@ func (p *Plugin) execHot(db *gorm.DB, q string, args ...any) (int64, error) {
 		return p.countHot(db, q, args...)
 	}
 	ctx := db.Statement.Context
-	if s := p.prepared(ctx, q); s != nil {
-		var res sql.Result
-		var err error
-		if tx := sqlTxOf(db); tx != nil {
-			res, err = tx.StmtContext(ctx, s).ExecContext(ctx, args...)
-		} else if isPool(db) {
-			res, err = s.ExecContext(ctx, args...)
-		} else {
-			return p.execGorm(db, q, args...)
-		}
-		if err != nil {
-			return 0, err
-		}
-		return res.RowsAffected()
+	var res sql.Result
+	var err error
+	switch s, on := p.hotTarget(db, q); {
+	case s != nil:
+		res, err = s.ExecContext(ctx, args...)
+	case on != nil:
+		res, err = on.ExecContext(ctx, q, args...)
+	default:
+		g := db.Exec(q, args...)
+		return g.RowsAffected, g.Error
 	}
-	return p.execGorm(db, q, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// queryHot runs a hot-path query with ? placeholders on db.
+func (p *Plugin) queryHot(db *gorm.DB, q string, args ...any) (*sql.Rows, error) {
+	switch s, on := p.hotTarget(db, q); {
+	case s != nil:
+		return s.QueryContext(db.Statement.Context, args...)
+	case on != nil:
+		return on.QueryContext(db.Statement.Context, q, args...)
+	}
+	// Rows, not Scan: GORM's Scan renders the statement with its arguments
+	// for a trace on every call, a regexp pass that showed in profiles.
+	return db.Raw(q, args...).Rows()
 }
 
 // countHot runs a hot-path query and counts the rows it returns.
 func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
-	ctx := db.Statement.Context
-	var rows *sql.Rows
-	var err error
-	switch s, tx := p.prepared(ctx, q), sqlTxOf(db); {
-	case s != nil && tx != nil:
-		rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
-	default:
-		rows, err = db.Raw(q, args...).Rows()
-	}
+	rows, err := p.queryHot(db, q, args...)
 	if err != nil {
 		return 0, err
 	}
@@ -137,28 +175,9 @@ func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
 	return n, rows.Err()
 }
 
-func (p *Plugin) execGorm(db *gorm.DB, q string, args ...any) (int64, error) {
-	res := db.Exec(q, args...)
-	return res.RowsAffected, res.Error
-}
-
 // queryJobs runs a hot-path query returning job rows.
 func (p *Plugin) queryJobs(db *gorm.DB, q string, args ...any) ([]*Job, error) {
-	ctx := db.Statement.Context
-	s := p.prepared(ctx, q)
-	var rows *sql.Rows
-	var err error
-	switch tx := sqlTxOf(db); {
-	case s != nil && tx != nil:
-		rows, err = tx.StmtContext(ctx, s).QueryContext(ctx, args...)
-	case s != nil && isPool(db):
-		rows, err = s.QueryContext(ctx, args...)
-	default:
-		// Rows, not Scan: GORM's Scan renders the statement with its
-		// arguments for a trace on every call, a regexp pass that showed in
-		// profiles.
-		rows, err = db.Raw(q, args...).Rows()
-	}
+	rows, err := p.queryHot(db, q, args...)
 	if err != nil {
 		return nil, err
 	}
