@@ -19,10 +19,10 @@ import (
 )
 
 // The claim walks priorities and reads each one's due scheduled and
-// unscheduled jobs as two index ranges (claim.go). These tests pin the run
-// order it must keep, whatever the claim's limit and however many jobs are
-// scheduled for later, and check with the databases' own counters (or, on
-// SQLite, the query plan) that a claim does not read the whole backlog.
+// unscheduled jobs as two index ranges (claim_walk.go). These tests pin the
+// run order it must keep, whatever the claim's limit and however many jobs
+// are scheduled for later, and check with the databases' own counters (or,
+// on SQLite, the query plan) that a claim does not read the whole backlog.
 
 // wantRunOrder is the reference's run order of the jobs due at now:
 // priority, then due scheduled jobs by (scheduled, id), then unscheduled

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,7 +14,7 @@ import (
 // Execution: each job runs in its own transaction (the reference's
 // commit_on_success). The task's writes through tx commit together with the
 // job's completion; a failure rolls them back, records the error with its
-// stack and reschedules the job.
+// stack and reschedules the job (failure.go).
 
 // runOptions tune one run.
 type runOptions struct {
@@ -260,29 +259,6 @@ func (w *window) stop() bool {
 	return w.closed
 }
 
-// afterBrokenTx records a failure in a fresh transaction when the job's own
-// transaction can no longer be used.
-func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error) {
-	job.Started = nil
-	var outcome Outcome
-	recErr := p.session(ctx).Transaction(func(tx *gorm.DB) error {
-		e := p.dialect.beginWrite(tx)
-		if e != nil {
-			return e
-		}
-		outcome, e = p.recordFailure(tx, job, t, err, stack)
-		return e
-	})
-	if recErr != nil {
-		// The database is unreachable: the lease will expire and the job will
-		// be claimed again; nothing of this run was committed.
-		p.Logger.Error("async: could not record job failure; the job runs again when its lease expires",
-			"job", job.ID, "error", err, "record_error", recErr)
-		return OutcomeRetry, err
-	}
-	return outcome, err
-}
-
 // callTask runs the job's task under the per-job timeout; running out of
 // time is an error wrapping ErrTimeout.
 func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
@@ -326,100 +302,6 @@ func (p *Plugin) invoke(ctx context.Context, tx *gorm.DB, job *Job, t *task) (re
 		stack = string(debug.Stack())
 	}
 	return result, err, stack
-}
-
-// recordFailure writes the error row and reschedules the job, or ends it
-// failed when it is out of attempts or the error is permanent. It does
-// nothing if the job's claim was taken over.
-func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, stack string) (Outcome, error) {
-	now := p.now()
-	var failures int64
-	if err := tx.Model(&JobError{}).Where("job_id = ?", job.ID).Count(&failures).Error; err != nil {
-		return "", err
-	}
-	failures++
-	outcome := OutcomeRetry
-	var res *gorm.DB
-	if errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts) {
-		outcome = OutcomeFailed
-		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
-			now, job.ID, job.LockedBy, job.Attempts)
-		job.Failed = &now
-	} else {
-		delay, prio := p.retryPolicy(t)(job, int(failures))
-		next := now.Add(delay)
-		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
-			next, prio, job.ID, job.LockedBy, job.Attempts)
-		job.Scheduled, job.Priority = &next, prio
-	}
-	if res.Error != nil {
-		return "", res.Error
-	}
-	job.Started, job.LockedBy, job.LockedUntil = nil, "", nil
-	if res.RowsAffected == 0 {
-		return OutcomeSkipped, nil
-	}
-	rec := JobError{JobID: job.ID, Executed: now, Exception: exceptionText(taskErr), Traceback: traceback(taskErr, stack)}
-	if err := tx.Create(&rec).Error; err != nil {
-		return "", err
-	}
-	return outcome, nil
-}
-
-// releaseAll gives back jobs whose runs were rolled back: lease cleared,
-// attempt uncounted, so they run again at once.
-func (p *Plugin) releaseAll(ctx context.Context, jobs []*Job, idx []int, infos []RunInfo, why error) {
-	for _, k := range idx {
-		p.release(ctx, jobs[k])
-		infos[k].Outcome, infos[k].Err = OutcomeInterrupted, why
-		infos[k].Duration = time.Since(infos[k].Started)
-	}
-}
-
-// releaseUnstarted gives back claimed jobs that never started.
-func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
-	for _, j := range jobs {
-		p.release(ctx, j)
-	}
-}
-
-// release clears a job's lease and uncounts its attempt. Idle workers of
-// this process are woken, so that one of them takes the job at once instead
-// of at its next poll.
-func (p *Plugin) release(ctx context.Context, job *Job) {
-	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
-		job.ID, job.LockedBy, job.Attempts).Error
-	if err != nil {
-		p.Logger.Error("async: releasing job; it runs again when its lease expires", "job", job.ID, "error", err)
-		return
-	}
-	job.Started = nil
-	p.wakers.broadcast()
-}
-
-func exceptionText(err error) string {
-	inner := err
-	for {
-		u := errors.Unwrap(inner)
-		if u == nil {
-			break
-		}
-		inner = u
-	}
-	return fmt.Sprintf("%T: %v", inner, err)
-}
-
-func traceback(err error, stack string) string {
-	var b strings.Builder
-	b.WriteString("error chain:\n")
-	for e := err; e != nil; e = errors.Unwrap(e) {
-		fmt.Fprintf(&b, "  %T: %v\n", e, e)
-	}
-	if stack != "" {
-		b.WriteString("\n")
-		b.WriteString(stack)
-	}
-	return b.String()
 }
 
 func (p *Plugin) logRun(info RunInfo) {

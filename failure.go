@@ -1,0 +1,104 @@
+package async
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"gorm.io/gorm"
+)
+
+// Failure recording: a failed run leaves an error row (the error chain and
+// its stack) and, unless its claim was taken over, reschedules its job by
+// its retry policy or ends it failed.
+
+// afterBrokenTx records a failure in a fresh transaction when the job's own
+// transaction can no longer be used.
+func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error) {
+	job.Started = nil
+	var outcome Outcome
+	recErr := p.session(ctx).Transaction(func(tx *gorm.DB) error {
+		e := p.dialect.beginWrite(tx)
+		if e != nil {
+			return e
+		}
+		outcome, e = p.recordFailure(tx, job, t, err, stack)
+		return e
+	})
+	if recErr != nil {
+		// The database is unreachable: the lease will expire and the job will
+		// be claimed again; nothing of this run was committed.
+		p.Logger.Error("async: could not record job failure; the job runs again when its lease expires",
+			"job", job.ID, "error", err, "record_error", recErr)
+		return OutcomeRetry, err
+	}
+	return outcome, err
+}
+
+// recordFailure writes the error row and reschedules the job, or ends it
+// failed when it is out of attempts or the error is permanent. It does
+// nothing if the job's claim was taken over.
+func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, stack string) (Outcome, error) {
+	now := p.now()
+	var failures int64
+	if err := tx.Model(&JobError{}).Where("job_id = ?", job.ID).Count(&failures).Error; err != nil {
+		return "", err
+	}
+	failures++
+	outcome := OutcomeRetry
+	var res *gorm.DB
+	if errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts) {
+		outcome = OutcomeFailed
+		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+			now, job.ID, job.LockedBy, job.Attempts)
+		job.Failed = &now
+	} else {
+		delay, prio := p.retryPolicy(t)(job, int(failures))
+		next := now.Add(delay)
+		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+			next, prio, job.ID, job.LockedBy, job.Attempts)
+		job.Scheduled, job.Priority = &next, prio
+	}
+	if res.Error != nil {
+		return "", res.Error
+	}
+	job.Started, job.LockedBy, job.LockedUntil = nil, "", nil
+	if res.RowsAffected == 0 {
+		return OutcomeSkipped, nil
+	}
+	rec := JobError{JobID: job.ID, Executed: now, Exception: exceptionText(taskErr), Traceback: traceback(taskErr, stack)}
+	if err := tx.Create(&rec).Error; err != nil {
+		return "", err
+	}
+	return outcome, nil
+}
+
+// exceptionText is an error row's exception: the innermost error's type and
+// the whole error's text.
+func exceptionText(err error) string {
+	inner := err
+	for {
+		u := errors.Unwrap(inner)
+		if u == nil {
+			break
+		}
+		inner = u
+	}
+	return fmt.Sprintf("%T: %v", inner, err)
+}
+
+// traceback is an error row's traceback: the error chain, one line per
+// error, then the stack.
+func traceback(err error, stack string) string {
+	var b strings.Builder
+	b.WriteString("error chain:\n")
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		fmt.Fprintf(&b, "  %T: %v\n", e, e)
+	}
+	if stack != "" {
+		b.WriteString("\n")
+		b.WriteString(stack)
+	}
+	return b.String()
+}
