@@ -93,14 +93,15 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 }
 
 // claimOneUpdate is the claimByOneUpdate strategy, one statement: UPDATE
-// ... WHERE id IN (claimIDs: SELECT ... FOR UPDATE SKIP LOCKED) RETURNING *.
+// ... WHERE id IN (claimIDs: SELECT ... FOR UPDATE SKIP LOCKED) RETURNING
+// jobColumnList.
 func (p *Plugin) claimOneUpdate(ctx context.Context, f *claimFilter, now, lease time.Time) ([]*Job, error) {
 	sel, args := p.claimIDs(f, now)
 	set := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ?"
 	if p.dialect.pipeline && p.sqlDB != nil {
 		return pipeClaim(ctx, p.sqlDB, set+" WHERE id IN ("+sel+") RETURNING "+jobColumnList, append([]any{f.owner, lease}, args...))
 	}
-	q := set + p.dialect.lazyCommitFrom() + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + jobTable + ".*" // not the FROM item's column
+	q := set + p.dialect.lazyCommitFrom() + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + jobColumnsOf(jobTable) // not the FROM item's columns
 	return p.queryJobs(p.session(ctx), q, append([]any{f.owner, lease}, args...)...)
 }
 
@@ -113,7 +114,7 @@ func (p *Plugin) claimHalfUpdates(db *gorm.DB, f *claimFilter, now, lease time.T
 	due := f.dueTime(now)
 	jobs, err := p.walkClaim(db, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
 		q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" +
-			p.claimHalf("j.id", "?", set, conds, "?") + ") RETURNING *"
+			p.claimHalf("j.id", "?", set, conds, "?") + ") RETURNING " + jobColumnList
 		args := append(append([]any{f.owner, lease, prio}, halfArgs(set, due, cargs)...), want)
 		return p.queryJobs(db, q, args...)
 	})

@@ -213,6 +213,6 @@ func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]
 	due := f.dueTime(now)
 	return p.walkClaim(tx, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
 		args := append(append([]any{prio}, halfArgs(set, due, cargs)...), want)
-		return p.queryJobs(tx, p.claimHalf("j.*", "?", set, conds, "?"), args...)
+		return p.queryJobs(tx, p.claimHalf(jobColumnsJ, "?", set, conds, "?"), args...)
 	})
 }

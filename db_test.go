@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/glebarez/sqlite"
 	mysqldrv "github.com/go-sql-driver/mysql"
+	"github.com/libtnb/sqlite"
 	"github.com/stretchr/testify/require"
 	"gorm.io/driver/mysql"
 	"gorm.io/driver/postgres"

@@ -171,9 +171,6 @@ func rollbackOrDiscard(ctx context.Context, pc *pgx.Conn, cause error) error {
 	return cause
 }
 
-// jobColumns lists async_job's columns in the order scanJob reads them.
-const jobColumnList = "id, name, queue, args, kwargs, meta, result, priority, identity, added, scheduled, started, executed, cancelled, failed, attempts, max_attempts, locked_until, locked_by, group_id"
-
 // pipeClaim runs a claim (an UPDATE ... RETURNING jobColumnList with ?
 // placeholders) in its own transaction in one round trip, with two settings
 // for that transaction only: its commit does not wait for the WAL flush
@@ -235,8 +232,11 @@ func pipeClaim(ctx context.Context, sqlDB *sql.DB, q string, args []any) ([]*Job
 	return jobs, nil
 }
 
+// rowScanner is a row source: pgx.Rows or *sql.Rows.
+type rowScanner interface{ Scan(dest ...any) error }
+
 // scanJob reads a row of jobColumnList.
-func scanJob(rows pgx.Rows) (*Job, error) {
+func scanJob(rows rowScanner) (*Job, error) {
 	j := new(Job)
 	var result *string
 	err := rows.Scan(&j.ID, &j.Name, &j.Queue, &j.Args, &j.Kwargs, &j.Meta, &result, &j.Priority, &j.Identity, &j.Added,

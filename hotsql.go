@@ -175,7 +175,7 @@ func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
 	return n, rows.Err()
 }
 
-// queryJobs runs a hot-path query returning job rows.
+// queryJobs runs a hot-path query returning rows of jobColumnList.
 func (p *Plugin) queryJobs(db *gorm.DB, q string, args ...any) ([]*Job, error) {
 	rows, err := p.queryHot(db, q, args...)
 	if err != nil {
@@ -184,8 +184,8 @@ func (p *Plugin) queryJobs(db *gorm.DB, q string, args ...any) ([]*Job, error) {
 	defer rows.Close()
 	var jobs []*Job
 	for rows.Next() {
-		j := new(Job)
-		if err := db.ScanRows(rows, j); err != nil {
+		j, err := scanJob(rows)
+		if err != nil {
 			return nil, err
 		}
 		jobs = append(jobs, j)

@@ -186,3 +186,16 @@ func identityOf(name, args, kwargs string) string {
 	sum := sha1.Sum([]byte(textForm(name, args, kwargs)))
 	return hex.EncodeToString(sum[:])
 }
+
+// jobColumnList lists async_job's columns in the order scanJob reads them.
+// The library's own reads of job rows name them (never *), so that a table
+// whose columns were added in another order by a migration reads the same.
+const jobColumnList = "id, name, queue, args, kwargs, meta, result, priority, identity, added, scheduled, started, executed, cancelled, failed, attempts, max_attempts, locked_until, locked_by, group_id"
+
+// jobColumnsOf is jobColumnList with each column qualified by alias.
+func jobColumnsOf(alias string) string {
+	return alias + "." + strings.ReplaceAll(jobColumnList, ", ", ", "+alias+".")
+}
+
+// jobColumnsJ is jobColumnList for the claim's alias j.
+var jobColumnsJ = jobColumnsOf("j")
