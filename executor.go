@@ -20,6 +20,21 @@ import (
 type runOptions struct {
 	timeout time.Duration // per task; zero: none
 	window  time.Duration // group commit: no new job joins a transaction open longer than this
+	// stop, once closed, starts no further job: the worker is shutting
+	// down, and claimed jobs not yet started (queued behind SQLite's one
+	// writer, or later in a batch) are given back at once instead of
+	// running in the shutdown grace period. Jobs already running finish.
+	stop <-chan struct{}
+}
+
+// stopping reports whether stop is closed.
+func (o runOptions) stopping() bool {
+	select {
+	case <-o.stop:
+		return true
+	default:
+		return false
+	}
 }
 
 // stillPending tests a job row found by its id. It is written so that no
@@ -41,7 +56,7 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 	}
 	_ = p.serialize(func() error {
 		for next := 0; next < len(jobs); {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || o.stopping() {
 				p.releaseUnstarted(context.WithoutCancel(ctx), jobs[next:])
 				break
 			}
@@ -110,7 +125,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	lastDone.k = -1
 	k := first
 	for ; k < len(jobs); k++ {
-		if k > first && (ctx.Err() != nil || !win.take(k)) {
+		if k > first && (ctx.Err() != nil || o.stopping() || !win.take(k)) {
 			break
 		}
 		job := jobs[k]

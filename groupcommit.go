@@ -44,7 +44,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	var starts []time.Time
 	k := first
 	for ; k < len(jobs); k++ {
-		if k > first && (ctx.Err() != nil || !win.take(k)) {
+		if k > first && (ctx.Err() != nil || o.stopping() || !win.take(k)) {
 			break
 		}
 		job := jobs[k]

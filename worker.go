@@ -137,8 +137,9 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 func (w *Worker) Options() WorkerOptions { return w.opts }
 
 // Run claims and runs jobs until ctx is cancelled, then stops claiming, gives
-// running jobs ShutdownTimeout to finish, cancels the rest (their writes are
-// rolled back and they stay runnable) and returns nil. Database errors are
+// back at once the claimed jobs that have not started (their attempts
+// uncounted), gives running jobs ShutdownTimeout to finish, cancels the rest
+// (their writes are rolled back and they stay runnable) and returns nil. Database errors are
 // logged and retried with backoff; they do not end Run.
 func (w *Worker) Run(ctx context.Context) error {
 	p, o := w.p, w.opts
@@ -188,7 +189,7 @@ func (w *Worker) Run(ctx context.Context) error {
 					jobs.Add(1)
 					go func() {
 						defer jobs.Done()
-						p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow})
+						p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done()})
 						done <- struct{}{}
 					}()
 				}

@@ -312,3 +312,67 @@ func TestWorkerDoesNotStartJobsAfterShutdownTimeout(t *testing.T) {
 		assert.Zero(t, count(t, d.DB, "effects", ""))
 	})
 }
+
+// Point 6: at shutdown, claimed jobs that have not started are given back at
+// once instead of starting in the grace period: the rest of a group-commit
+// batch, and on SQLite a job queued behind the one writer. The running job
+// still finishes and commits.
+func TestWorkerShutdownGivesBackUnstartedJobs(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		cases := []async.WorkerOptions{{Concurrency: 1, BatchSize: 2, BatchWindow: time.Hour}} // the window must not release the batch first
+		if d.Kind == "sqlite" {
+			cases = append(cases, async.WorkerOptions{Concurrency: 2}) // strict: queued behind the writer
+		}
+		migrateApp(t, d)
+		for _, o := range cases {
+			// Both tasks block until released, saying which one started:
+			// whichever runs first, the other must not start.
+			keys := []string{newKey(t, "a"), newKey(t, "b")}
+			started, release := make(chan string, 10), make(chan struct{})
+			var jobs []*async.Job
+			for _, k := range keys {
+				on(t, k, func(ctx context.Context, _ int64) error {
+					started <- k
+					select {
+					case <-release:
+						return nil
+					case <-ctx.Done():
+						return ctx.Err()
+					}
+				})
+				jobs = append(jobs, scheduleCtl(t, d.DB, k))
+			}
+
+			o.Lease, o.PollInterval, o.ShutdownTimeout = time.Hour, 20*time.Millisecond, time.Minute
+			w, err := async.NewWorker(d.DB, o)
+			require.NoError(t, err)
+			ctx, cancel := context.WithCancel(context.Background())
+			ran := make(chan error, 1)
+			go func() { ran <- w.Run(ctx) }()
+			first := recv(t, started, time.Minute, "a job to start")
+			run, waiting := jobs[0], jobs[1]
+			if first == keys[1] {
+				run, waiting = jobs[1], jobs[0]
+			}
+			// Both are claimed (one claim fills the batch or both slots);
+			// the other waits in its batch or for the writer.
+			waitJob(t, d.DB, waiting.ID, time.Minute, "the other job claimed", func(j *async.Job) bool { return j.Attempts == 1 })
+			cancel()
+			close(release)
+			require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+
+			assert.NotNil(t, getJob(t, d.DB, run.ID).Executed, "%+v: the running job finished and committed", o)
+			got := getJob(t, d.DB, waiting.ID)
+			assert.Len(t, started, 0, "%+v: a job started after shutdown began", o)
+			assert.EqualValues(t, 1, count(t, d.DB, "effects", ""), "%+v: only the running job's write", o)
+			assert.True(t, got.Pending())
+			assert.Zero(t, got.Attempts, "%+v: the unstarted job's attempt is given back", o)
+			assert.Empty(t, got.LockedBy)
+			assert.Nil(t, got.LockedUntil)
+			_, err = async.FlushQueue(d.DB, async.FlushOptions{}) // empty the queue for the next case
+			require.NoError(t, err)
+			require.Zero(t, count(t, d.DB, "async_job", "executed IS NULL"))
+			require.NoError(t, d.DB.Exec("DELETE FROM effects").Error)
+		}
+	})
+}
