@@ -199,3 +199,19 @@ func jobColumnsOf(alias string) string {
 
 // jobColumnsJ is jobColumnList for the claim's alias j.
 var jobColumnsJ = jobColumnsOf("j")
+
+// rowScanner is a row source: pgx.Rows or *sql.Rows.
+type rowScanner interface{ Scan(dest ...any) error }
+
+// scanJob reads a row of jobColumnList.
+func scanJob(rows rowScanner) (*Job, error) {
+	j := new(Job)
+	var result *string
+	err := rows.Scan(&j.ID, &j.Name, &j.Queue, &j.Args, &j.Kwargs, &j.Meta, &result, &j.Priority, &j.Identity, &j.Added,
+		&j.Scheduled, &j.Started, &j.Executed, &j.Cancelled, &j.Failed, &j.Attempts, &j.MaxAttempts, &j.LockedUntil,
+		&j.LockedBy, &j.GroupID)
+	if result != nil {
+		j.Result = *result
+	}
+	return j, err
+}
