@@ -325,21 +325,14 @@ func TestWorkerShutdownGivesBackUnstartedJobs(t *testing.T) {
 		}
 		migrateApp(t, d)
 		for _, o := range cases {
-			// Both tasks block until released, saying which one started:
-			// whichever runs first, the other must not start.
+			// Both tasks block until released, each signalling on its own
+			// channel: whichever runs first, the other must not start.
 			keys := []string{newKey(t, "a"), newKey(t, "b")}
-			started, release := make(chan string, 10), make(chan struct{})
+			starts := []chan int64{make(chan int64, 10), make(chan int64, 10)}
+			release := make(chan struct{})
 			var jobs []*async.Job
-			for _, k := range keys {
-				on(t, k, func(ctx context.Context, _ int64) error {
-					started <- k
-					select {
-					case <-release:
-						return nil
-					case <-ctx.Done():
-						return ctx.Err()
-					}
-				})
+			for i, k := range keys {
+				on(t, k, blockUntil(starts[i], release))
 				jobs = append(jobs, scheduleCtl(t, d.DB, k))
 			}
 
@@ -349,10 +342,13 @@ func TestWorkerShutdownGivesBackUnstartedJobs(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			ran := make(chan error, 1)
 			go func() { ran <- w.Run(ctx) }()
-			first := recv(t, started, time.Minute, "a job to start")
 			run, waiting := jobs[0], jobs[1]
-			if first == keys[1] {
+			select {
+			case <-starts[0]:
+			case <-starts[1]:
 				run, waiting = jobs[1], jobs[0]
+			case <-time.After(time.Minute):
+				t.Fatal("no job started")
 			}
 			// Both are claimed (one claim fills the batch or both slots);
 			// the other waits in its batch or for the writer.
@@ -363,7 +359,7 @@ func TestWorkerShutdownGivesBackUnstartedJobs(t *testing.T) {
 
 			assert.NotNil(t, getJob(t, d.DB, run.ID).Executed, "%+v: the running job finished and committed", o)
 			got := getJob(t, d.DB, waiting.ID)
-			assert.Len(t, started, 0, "%+v: a job started after shutdown began", o)
+			assert.Zero(t, len(starts[0])+len(starts[1]), "%+v: a job started after shutdown began", o)
 			assert.EqualValues(t, 1, count(t, d.DB, "effects", ""), "%+v: only the running job's write", o)
 			assert.True(t, got.Pending())
 			assert.Zero(t, got.Attempts, "%+v: the unstarted job's attempt is given back", o)
