@@ -233,6 +233,29 @@ func (d *dialect) claimTxOptions() *sql.TxOptions {
 // every insert; the notification is delivered when the inserting transaction commits.
 const notifyChannel = "async_job"
 
+// The job table's secondary indexes, besides async_job_pending. Each is
+// written again by every new row version on Postgres (every claim and every
+// completion), so they index only the rows their queries ask for: identity
+// is looked up for pending jobs only (Deschedule), and group_id only for
+// jobs in a group. No library query looks jobs up by name, and
+// async_job_name, which earlier versions created, is dropped. MySQL has no
+// partial indexes; InnoDB rewrites a secondary index entry only when its
+// columns change, so full indexes cost little there.
+const (
+	identityIndexSQL = `CREATE INDEX IF NOT EXISTS async_job_identity_pending ON async_job (identity) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`
+	groupIndexSQL    = `CREATE INDEX IF NOT EXISTS async_job_group_member ON async_job (group_id) WHERE group_id IS NOT NULL`
+)
+
+// partialIndexes replaces the full indexes of earlier versions by the
+// partial ones (Postgres, SQLite).
+var partialIndexes = []string{
+	`DROP INDEX IF EXISTS async_job_name`,
+	`DROP INDEX IF EXISTS async_job_identity`,
+	identityIndexSQL,
+	`DROP INDEX IF EXISTS async_job_group`,
+	groupIndexSQL,
+}
+
 // migrateExtras creates what GORM's AutoMigrate cannot express.
 func (d *dialect) migrateExtras(db *gorm.DB) error {
 	var stmts []string
@@ -247,6 +270,7 @@ BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 			// order, and stops at its LIMIT.
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
+		stmts = append(stmts, partialIndexes...)
 	case kindSQLite:
 		// As on Postgres; SQLite sorts NULLs first, so the expression
 		// column puts the unscheduled jobs of a priority after the
@@ -254,14 +278,25 @@ BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 		stmts = []string{
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
+		stmts = append(stmts, partialIndexes...)
 	case kindMySQL:
 		// No partial indexes: pending rows are those NULL in the first three
 		// columns. A claim reads it one priority at a time, in two exact
 		// ranges, ascending within the priority (selectClaimable). (DESC is
 		// honoured from MySQL 8 and MariaDB 10.8; the claim does not depend
 		// on it.)
-		if !db.Migrator().HasIndex(&Job{}, "async_job_pending") {
-			stmts = []string{`CREATE INDEX async_job_pending ON async_job (executed, cancelled, failed, priority DESC, scheduled, id)`}
+		m := db.Migrator()
+		if !m.HasIndex(&Job{}, "async_job_pending") {
+			stmts = append(stmts, `CREATE INDEX async_job_pending ON async_job (executed, cancelled, failed, priority DESC, scheduled, id)`)
+		}
+		if !m.HasIndex(&Job{}, "async_job_identity") {
+			stmts = append(stmts, `CREATE INDEX async_job_identity ON async_job (identity)`)
+		}
+		if !m.HasIndex(&Job{}, "async_job_group") {
+			stmts = append(stmts, `CREATE INDEX async_job_group ON async_job (group_id)`)
+		}
+		if m.HasIndex(&Job{}, "async_job_name") {
+			stmts = append(stmts, `DROP INDEX async_job_name ON async_job`)
 		}
 	}
 	for _, s := range stmts {

@@ -25,7 +25,7 @@ const (
 type Job struct {
 	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
 	// Name is the registered task name.
-	Name string `gorm:"size:191;not null;index:async_job_name" json:"name"`
+	Name string `gorm:"size:191;not null" json:"name"`
 	// Queue is the queue the job is served from ("default" unless set).
 	Queue string `gorm:"size:100;not null" json:"queue"`
 	// Args is the JSON array of positional arguments.
@@ -39,7 +39,7 @@ type Job struct {
 	// Priority orders runnable jobs: higher runs first. Default 5.
 	Priority int `gorm:"not null" json:"priority"`
 	// Identity is the SHA-1 of the job's text form (name and arguments).
-	Identity string `gorm:"size:40;not null;index:async_job_identity" json:"identity"`
+	Identity string `gorm:"size:40;not null" json:"identity"`
 	// Added is when the job was scheduled.
 	Added time.Time `gorm:"precision:6;not null" json:"added"`
 	// Scheduled is the earliest time the job may run; nil means as soon as possible.
@@ -61,7 +61,7 @@ type Job struct {
 	// LockedBy identifies the claim that holds the lease ("" when free).
 	LockedBy string `gorm:"size:64;not null" json:"locked_by"`
 	// GroupID is the job's group, if any.
-	GroupID *int64 `gorm:"index:async_job_group" json:"group_id"`
+	GroupID *int64 `json:"group_id"`
 }
 
 // TableName returns "async_job".

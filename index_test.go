@@ -1,0 +1,108 @@
+package async_test
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// The job table's secondary indexes are partial where the database has
+// partial indexes (every claim and completion writes a new row version into
+// each index on Postgres), and migrating a table made by an earlier version
+// replaces its full indexes (and drops the unused name index).
+func TestJobIndexes(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			dsn := createDatabase(t, kind)
+			db := openDB(t, kind, dsn, nil)
+			// The table as earlier versions left it.
+			require.NoError(t, db.AutoMigrate(&async.Job{}))
+			for _, s := range []string{
+				"CREATE INDEX async_job_name ON async_job (name)",
+				"CREATE INDEX async_job_identity ON async_job (identity)",
+				"CREATE INDEX async_job_group ON async_job (group_id)",
+			} {
+				require.NoError(t, db.Exec(s).Error)
+			}
+			require.NoError(t, db.Use(&async.Plugin{Logger: testLogger()}))
+			// Migrating again (another process starting) changes nothing.
+			db = openDB(t, kind, dsn, nil)
+			require.NoError(t, db.Use(&async.Plugin{Logger: testLogger()}), "migrating again")
+
+			want := []string{"async_job_group_member", "async_job_identity_pending", "async_job_pending"}
+			if kind == "mysql" {
+				want = []string{"async_job_group", "async_job_identity", "async_job_pending"}
+			}
+			assert.Equal(t, want, jobIndexes(t, db, kind))
+			if kind == "mysql" {
+				return
+			}
+			// The library's lookups use them, once the table has rows.
+			jobs := make([]async.Job, 2000)
+			for i := range jobs {
+				jobs[i] = async.Job{Name: "t", Queue: "default", Args: "[]", Kwargs: "{}", Meta: "{}", Priority: 5,
+					Identity: fmt.Sprintf("%040d", i), Added: time.Now()}
+			}
+			require.NoError(t, db.CreateInBatches(jobs, 500).Error)
+			if kind == "postgres" {
+				require.NoError(t, db.Exec("ANALYZE async_job").Error)
+			}
+			pendingIdentity := "SELECT id FROM async_job WHERE identity = 'x' AND async_job.executed IS NULL AND async_job.cancelled IS NULL AND async_job.failed IS NULL"
+			assert.Contains(t, plan(t, db, kind, pendingIdentity), "async_job_identity_pending")
+			assert.Contains(t, plan(t, db, kind, "SELECT COUNT(*) FROM async_job WHERE group_id = 1"), "async_job_group_member")
+		})
+	}
+}
+
+// jobIndexes lists async_job's secondary indexes by name.
+func jobIndexes(t *testing.T, db *gorm.DB, kind string) []string {
+	t.Helper()
+	q := map[string]string{
+		"postgres": "SELECT indexname FROM pg_indexes WHERE tablename = 'async_job' AND indexname <> 'async_job_pkey'",
+		"sqlite":   "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'async_job' AND name NOT LIKE 'sqlite_%'",
+		"mysql":    "SELECT DISTINCT index_name FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = 'async_job' AND index_name <> 'PRIMARY'",
+	}[kind]
+	var names []string
+	require.NoError(t, db.Raw(q).Scan(&names).Error)
+	sort.Strings(names)
+	return names
+}
+
+// plan is the query plan of q as text; on Postgres with sequential scans
+// priced out, so that a usable index shows however small the table.
+func plan(t *testing.T, db *gorm.DB, kind, q string) string {
+	t.Helper()
+	var lines []string
+	err := db.Transaction(func(tx *gorm.DB) error {
+		if kind == "postgres" {
+			if err := tx.Exec("SET LOCAL enable_seqscan = off").Error; err != nil {
+				return err
+			}
+			return tx.Raw("EXPLAIN " + q).Scan(&lines).Error
+		}
+		rows, err := tx.Raw("EXPLAIN QUERY PLAN " + q).Rows()
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id, parent, unused int
+			var detail string
+			if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
+				return err
+			}
+			lines = append(lines, detail)
+		}
+		return rows.Err()
+	})
+	require.NoError(t, err)
+	return strings.Join(lines, "\n")
+}
