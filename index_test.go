@@ -58,6 +58,11 @@ func TestJobIndexes(t *testing.T) {
 			pendingIdentity := "SELECT id FROM async_job WHERE identity = 'x' AND async_job.executed IS NULL AND async_job.cancelled IS NULL AND async_job.failed IS NULL"
 			assert.Contains(t, plan(t, db, kind, pendingIdentity), "async_job_identity_pending")
 			assert.Contains(t, plan(t, db, kind, "SELECT COUNT(*) FROM async_job WHERE group_id = 1"), "async_job_group_member")
+			// The claim's test for a group's final job (claimConds), with
+			// many pending jobs: its subquery reads the group's members only.
+			finalWaits := "SELECT j.id FROM async_job j WHERE j.group_id IS NULL OR NOT EXISTS (SELECT 1 FROM async_group g JOIN async_job o ON o.group_id = g.id" +
+				" WHERE g.id = j.group_id AND g.final_id = j.id AND o.id <> j.id AND o.executed IS NULL AND o.cancelled IS NULL AND o.failed IS NULL)"
+			assert.Contains(t, plan(t, db, kind, finalWaits), "async_job_group_member")
 		})
 	}
 }
