@@ -101,7 +101,7 @@ func (p *Plugin) claimOneUpdate(ctx context.Context, f *claimFilter, now, lease 
 	if p.dialect.pipeline && p.sqlDB != nil {
 		return pipeClaim(ctx, p.sqlDB, set+" WHERE id IN ("+sel+") RETURNING "+jobColumnList, append([]any{f.owner, lease}, args...))
 	}
-	q := set + p.dialect.lazyCommitFrom() + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + jobColumnsOf(jobTable) // not the FROM item's columns
+	q := set + p.dialect.lazyCommitFrom() + " WHERE " + jobTable + ".id IN (" + sel + ") RETURNING " + jobColumnsTable // not the FROM item's columns
 	return p.queryJobs(p.session(ctx), q, append([]any{f.owner, lease}, args...)...)
 }
 

@@ -291,19 +291,7 @@ func TestClaimDoesNotReadTheBacklog(t *testing.T) {
 			assert.Less(t, got, 200, "the claim reads few index entries")
 			assert.Len(t, claimed, due+5)
 		case "sqlite":
-			plan := func(q string, args ...any) string {
-				rows, err := d.DB.Raw("EXPLAIN QUERY PLAN "+q, args...).Rows()
-				require.NoError(t, err)
-				defer rows.Close()
-				var lines []string
-				for rows.Next() {
-					var id, parent, notused int
-					var detail string
-					require.NoError(t, rows.Scan(&id, &parent, &notused, &detail))
-					lines = append(lines, detail)
-				}
-				return strings.Join(lines, "\n")
-			}
+			plan := func(q string, args ...any) string { return sqlitePlan(t, d.DB, q, args...) }
 			control := plan(naive, now)
 			assert.Contains(t, control, "SCAN j USING INDEX async_job_pending", "the naive query scans the index")
 			qs, args, err := async.ClaimStatementsForTest(d.DB, due+5, async.DefaultQueue)

@@ -233,9 +233,10 @@ func (d *dialect) claimTxOptions() *sql.TxOptions {
 // every insert; the notification is delivered when the inserting transaction commits.
 const notifyChannel = "async_job"
 
-// The job table's secondary indexes, besides async_job_pending. On
-// Postgres every new row version (every claim and every completion) writes
-// an entry into each index, so group_id is indexed only for jobs in a group
+// secondaryIndexes creates the job table's secondary indexes besides
+// async_job_pending on Postgres and SQLite, replacing those of earlier
+// versions. On Postgres every new row version (every claim and every
+// completion) writes an entry into each index, so group_id is indexed only for jobs in a group
 // (most have none), and async_job_name, which earlier versions created and
 // no query of the library uses, is dropped. identity stays a full index:
 // made partial on pending jobs, it cost group commit half its throughput
@@ -243,15 +244,11 @@ const notifyChannel = "async_job"
 // as each claim's new entry then lands among thousands of duplicates. MySQL
 // has no partial indexes; InnoDB rewrites a secondary index entry only when
 // its columns change, so a full index costs little there.
-const groupIndexSQL = `CREATE INDEX IF NOT EXISTS async_job_group_member ON async_job (group_id) WHERE group_id IS NOT NULL`
-
-// partialIndexes replaces the indexes of earlier versions (Postgres,
-// SQLite).
-var partialIndexes = []string{
+var secondaryIndexes = []string{
 	`DROP INDEX IF EXISTS async_job_name`,
 	`CREATE INDEX IF NOT EXISTS async_job_identity ON async_job (identity)`,
 	`DROP INDEX IF EXISTS async_job_group`,
-	groupIndexSQL,
+	`CREATE INDEX IF NOT EXISTS async_job_group_member ON async_job (group_id) WHERE group_id IS NOT NULL`,
 }
 
 // migrateExtras creates what GORM's AutoMigrate cannot express.
@@ -268,7 +265,7 @@ BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 			// order, and stops at its LIMIT.
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
-		stmts = append(stmts, partialIndexes...)
+		stmts = append(stmts, secondaryIndexes...)
 	case kindSQLite:
 		// As on Postgres; SQLite sorts NULLs first, so the expression
 		// column puts the unscheduled jobs of a priority after the
@@ -276,7 +273,7 @@ BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
 		stmts = []string{
 			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
 		}
-		stmts = append(stmts, partialIndexes...)
+		stmts = append(stmts, secondaryIndexes...)
 	case kindMySQL:
 		// No partial indexes: pending rows are those NULL in the first three
 		// columns. A claim reads it one priority at a time, in two exact

@@ -85,29 +85,33 @@ func jobIndexes(t *testing.T, db *gorm.DB, kind string) []string {
 // priced out, so that a usable index shows however small the table.
 func plan(t *testing.T, db *gorm.DB, kind, q string) string {
 	t.Helper()
+	if kind != "postgres" {
+		return sqlitePlan(t, db, q)
+	}
 	var lines []string
 	err := db.Transaction(func(tx *gorm.DB) error {
-		if kind == "postgres" {
-			if err := tx.Exec("SET LOCAL enable_seqscan = off").Error; err != nil {
-				return err
-			}
-			return tx.Raw("EXPLAIN " + q).Scan(&lines).Error
-		}
-		rows, err := tx.Raw("EXPLAIN QUERY PLAN " + q).Rows()
-		if err != nil {
+		if err := tx.Exec("SET LOCAL enable_seqscan = off").Error; err != nil {
 			return err
 		}
-		defer rows.Close()
-		for rows.Next() {
-			var id, parent, unused int
-			var detail string
-			if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
-				return err
-			}
-			lines = append(lines, detail)
-		}
-		return rows.Err()
+		return tx.Raw("EXPLAIN " + q).Scan(&lines).Error
 	})
 	require.NoError(t, err)
+	return strings.Join(lines, "\n")
+}
+
+// sqlitePlan is SQLite's EXPLAIN QUERY PLAN of q: the detail lines.
+func sqlitePlan(t testing.TB, db *gorm.DB, q string, args ...any) string {
+	t.Helper()
+	rows, err := db.Raw("EXPLAIN QUERY PLAN "+q, args...).Rows()
+	require.NoError(t, err)
+	defer rows.Close()
+	var lines []string
+	for rows.Next() {
+		var id, parent, notused int
+		var detail string
+		require.NoError(t, rows.Scan(&id, &parent, &notused, &detail))
+		lines = append(lines, detail)
+	}
+	require.NoError(t, rows.Err())
 	return strings.Join(lines, "\n")
 }

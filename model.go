@@ -197,8 +197,9 @@ func jobColumnsOf(alias string) string {
 	return alias + "." + strings.ReplaceAll(jobColumnList, ", ", ", "+alias+".")
 }
 
-// jobColumnsJ is jobColumnList for the claim's alias j.
-var jobColumnsJ = jobColumnsOf("j")
+// jobColumnList qualified for the claim's alias j and for the table name
+// (an UPDATE ... FROM returning the table's columns).
+var jobColumnsJ, jobColumnsTable = jobColumnsOf("j"), jobColumnsOf(jobTable)
 
 // rowScanner is a row source: pgx.Rows or *sql.Rows.
 type rowScanner interface{ Scan(dest ...any) error }
