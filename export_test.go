@@ -77,3 +77,7 @@ func SelectClaimableForTest(tx *gorm.DB, limit int, queues ...string) ([]*Job, e
 	}
 	return p.selectClaimable(tx, &claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
 }
+
+// SetStaleAfter changes how long w's ready jobs wait, with no slot freeing,
+// before they go back to the queue.
+func SetStaleAfter(w *Worker, d time.Duration) { w.staleAfter = d }

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gorm.io/gorm"
@@ -55,6 +56,16 @@ type WorkerOptions struct {
 	// queue for other runners, so a slow job holds the others back at most
 	// this long. Default: 50ms. Used only when BatchSize > 1.
 	BatchWindow time.Duration
+	// Prefetch is how many claimed jobs the worker keeps ready besides
+	// those running, while a backlog of short jobs lasts (its last claim
+	// came back full, and jobs ran under 10ms on average), so that a slot
+	// that frees starts its next job at once and one claim serves many jobs.
+	// Ready jobs run in claim order (a job scheduled meanwhile at a higher
+	// priority waits for them); if no slot frees for 100ms, they
+	// go back to the queue for other workers, as they do at once on
+	// shutdown, their attempts uncounted. Negative: claim only for free
+	// slots. Default: Concurrency, at least 4.
+	Prefetch int
 	// ID names this worker in logs and in the locked_by column. Default:
 	// host-pid-random.
 	ID string
@@ -64,8 +75,9 @@ type WorkerOptions struct {
 // number of workers, in any number of processes on any hosts, may share one
 // database: claims are row-locked transactions, so each job runs once.
 type Worker struct {
-	p    *Plugin
-	opts WorkerOptions
+	p          *Plugin
+	opts       WorkerOptions
+	staleAfter time.Duration // see staleAfter
 }
 
 // DefaultConcurrency is a Worker's concurrency when neither the options nor
@@ -79,6 +91,7 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 		return nil, err
 	}
 	if o.Concurrency < 0 || o.PollInterval < 0 || o.JobTimeout < 0 || o.ShutdownTimeout < 0 || o.Lease < 0 || o.BatchSize < 0 || o.BatchWindow < 0 {
+		// (a negative Prefetch means none)
 		return nil, errorf(ErrBadOption, "worker options must not be negative: %+v", o)
 	}
 	reserved := 1
@@ -123,6 +136,12 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 	if o.BatchWindow == 0 {
 		o.BatchWindow = 50 * time.Millisecond
 	}
+	switch {
+	case o.Prefetch == 0:
+		o.Prefetch = max(o.Concurrency, 4)
+	case o.Prefetch < 0:
+		o.Prefetch = -1 // none
+	}
 	if o.ID == "" {
 		host, _ := os.Hostname()
 		o.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), newOwner()[:6])
@@ -130,7 +149,7 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 	if len(o.ID) > 64 {
 		return nil, errorf(ErrBadOption, "worker id %q is longer than 64 bytes", o.ID)
 	}
-	return &Worker{p: p, opts: o}, nil
+	return &Worker{p: p, opts: o, staleAfter: staleAfter}, nil
 }
 
 // Options returns the worker's options with defaults filled in.
@@ -160,17 +179,81 @@ func (w *Worker) Run(ctx context.Context) error {
 		go func() { defer bg.Done(); w.listen(listenCtx) }()
 	}
 
-	done := make(chan struct{}, o.Concurrency)
-	running := 0 // goroutines each running a batch of up to BatchSize jobs
-	var jobs sync.WaitGroup
+	// Concurrency long-lived slot goroutines run batches from work, in
+	// claim order. (Long-lived, so that their stacks, grown once by the
+	// drivers' deep calls, are not grown again for every job.)
+	capacity := o.Concurrency * o.BatchSize // jobs running or ready
+	prefetch := max(o.Prefetch, 0)
+	work := make(chan []*Job, capacity+prefetch)
+	done := make(chan batchDone, capacity+prefetch)
+	var ready atomic.Int64 // jobs in work, not yet taken by a slot
+	var slots sync.WaitGroup
+	for range o.Concurrency {
+		slots.Add(1)
+		go func() {
+			defer slots.Done()
+			for batch := range work {
+				ready.Add(-int64(len(batch)))
+				start := time.Now()
+				p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done()})
+				done <- batchDone{jobs: len(batch), took: time.Since(start)}
+			}
+		}()
+	}
+	// giveBack releases jobs taken out of work, on a goroutine of its own
+	// (on SQLite a release waits for the one writer, which a running job
+	// may hold).
+	giveBack := func(batches [][]*Job) {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			_ = p.serialize(func() error {
+				for _, b := range batches {
+					p.releaseUnstarted(context.WithoutCancel(ctx), b)
+				}
+				return nil
+			})
+		}()
+	}
+	// takeReady empties work and returns how many jobs it took.
+	takeReady := func() (n int) {
+		var batches [][]*Job
+		for {
+			select {
+			case b := <-work:
+				ready.Add(-int64(len(b)))
+				batches = append(batches, b)
+				n += len(b)
+			default:
+				if len(batches) > 0 {
+					giveBack(batches)
+				}
+				return n
+			}
+		}
+	}
+	outstanding := 0 // jobs sent to work and not done
+	var perJob ewma  // run time per job, recent runs weighted most
+	progress := time.Now()
 	f := &claimFilter{queues: o.Queues, lease: o.Lease, owner: o.ID}
 	retry := newBackoff()
-	more := true // the last claim may have left due jobs behind
+	more := true     // the last claim may have left due jobs behind
+	backlog := false // the last claim came back full
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	staleTimer := time.NewTimer(time.Hour)
+	defer staleTimer.Stop()
 	for ctx.Err() == nil {
-		if more && running < o.Concurrency {
-			f.limit = (o.Concurrency - running) * o.BatchSize
+		// Claim for the free slots and, while a backlog of short jobs lasts,
+		// the ready jobs Prefetch allows; with ready jobs left, wait until
+		// they run low, so that each claim takes many.
+		limit := capacity - outstanding
+		pf := 0
+		if backlog && perJob.below(prefetchRunLimit) {
+			pf = prefetch
+		}
+		if more && limit+pf > 0 && ready.Load() <= int64(pf/2) {
+			f.limit = claimSize(limit+pf, o.BatchSize)
 			claimed, err := p.claim(ctx, f)
 			if err != nil {
 				if ctx.Err() != nil {
@@ -182,48 +265,69 @@ func (w *Worker) Run(ctx context.Context) error {
 			} else {
 				retry.reset()
 				more = len(claimed) == f.limit
+				backlog = more
+				progress = time.Now()
 				for len(claimed) > 0 {
 					batch := claimed[:min(o.BatchSize, len(claimed))]
 					claimed = claimed[len(batch):]
-					running++
-					jobs.Add(1)
-					go func() {
-						defer jobs.Done()
-						p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done()})
-						done <- struct{}{}
-					}()
+					outstanding += len(batch)
+					ready.Add(int64(len(batch)))
+					work <- batch
 				}
 				if !more {
 					resetTimer(timer, jitter(o.PollInterval))
 				}
 			}
 		}
+		// Ready jobs wait for a slot; if no slot frees for a while (a long
+		// job in every slot), they go back for other workers to take.
+		var stale <-chan time.Time
+		if ready.Load() > 0 {
+			resetTimer(staleTimer, time.Until(progress.Add(w.staleAfter)))
+			stale = staleTimer.C
+		}
 		select {
 		case <-ctx.Done():
-		case <-done:
-			running--
+		case r := <-done:
+			outstanding -= r.jobs
+			perJob.add(r.took / time.Duration(r.jobs))
+			progress = time.Now()
 		case <-wake:
 			more = true
 		case <-timer.C:
 			more = true
+		case <-stale:
+			if time.Since(progress) >= w.staleAfter {
+				n := takeReady()
+				outstanding -= n
+				backlog = false
+				log.Debug("async: worker gives back jobs claimed ahead: no slot freed", "jobs", n, "after", w.staleAfter)
+			}
 		}
 		// Take every slot freed meanwhile, so that one claim fills them all.
 		for drained := false; !drained; {
 			select {
-			case <-done:
-				running--
+			case r := <-done:
+				outstanding -= r.jobs
+				perJob.add(r.took / time.Duration(r.jobs))
+				progress = time.Now()
 			default:
 				drained = true
 			}
 		}
 	}
 
+	// Jobs still waiting for a slot go back at once, their attempts
+	// uncounted; a slot that takes one first sees the shutdown and gives it
+	// back too.
+	outstanding -= takeReady()
+	close(work)
 	// Graceful shutdown: no new claims; running jobs get the shutdown timeout.
 	stopListen()
 	finished := make(chan struct{})
-	go func() { jobs.Wait(); close(finished) }()
-	if running > 0 {
-		log.Info("async: worker stopping; waiting for running jobs", "running", running, "timeout", o.ShutdownTimeout)
+	go func() { slots.Wait(); close(finished) }()
+	if outstanding > 0 {
+		log.Info("async: worker stopping; waiting for running jobs", "jobs", outstanding, "timeout", o.ShutdownTimeout)
 	}
 	grace := time.NewTimer(o.ShutdownTimeout)
 	defer grace.Stop()
@@ -290,3 +394,47 @@ func (b *backoff) next() time.Duration {
 	}
 	return jitter(b.d)
 }
+
+// claimSize is how many jobs to claim when up to limit are wanted: with
+// group commit, whole batches where limit allows, so that a worker's claims
+// come in a few sizes (on Postgres each size is a prepared statement of its
+// own).
+func claimSize(limit, batch int) int {
+	if limit < batch {
+		return limit
+	}
+	return limit - limit%batch
+}
+
+// Prefetch applies while jobs run shorter than prefetchRunLimit on average,
+// so that a ready job waits about that long; ready jobs that wait staleAfter
+// without a slot freeing go back to the queue.
+const (
+	prefetchRunLimit = 10 * time.Millisecond
+	staleAfter       = 100 * time.Millisecond
+)
+
+// batchDone reports a slot's batch: its jobs and how long they took.
+type batchDone struct {
+	jobs int
+	took time.Duration
+}
+
+// ewma is an exponentially weighted moving average of durations; it knows
+// nothing until its first sample.
+type ewma struct {
+	avg time.Duration
+	n   int
+}
+
+func (e *ewma) add(d time.Duration) {
+	if e.n == 0 {
+		e.avg = d
+	} else {
+		e.avg += (d - e.avg) / 8
+	}
+	e.n++
+}
+
+// below reports whether samples were taken and their average is under d.
+func (e *ewma) below(d time.Duration) bool { return e.n > 0 && e.avg < d }

@@ -129,12 +129,13 @@ func TestNewWorkerOptions(t *testing.T) {
 		assert.Equal(t, async.DefaultLease, o.Lease)
 		assert.Equal(t, 1, o.BatchSize, "strict mode by default")
 		assert.Equal(t, 50*time.Millisecond, o.BatchWindow)
+		assert.Equal(t, async.DefaultConcurrency, o.Prefetch, "Prefetch defaults to Concurrency")
 		host, _ := os.Hostname()
 		assert.True(t, strings.HasPrefix(o.ID, fmt.Sprintf("%s-%d-", host, os.Getpid())), o.ID)
 		assert.LessOrEqual(t, len(o.ID), 64)
 
 		set := async.WorkerOptions{Concurrency: 3, Queues: []string{"a", "b"}, PollInterval: time.Minute, JobTimeout: time.Second,
-			ShutdownTimeout: time.Second, Lease: 5 * time.Second, BatchSize: 4, BatchWindow: time.Second, ID: "w1"}
+			ShutdownTimeout: time.Second, Lease: 5 * time.Second, BatchSize: 4, BatchWindow: time.Second, Prefetch: 7, ID: "w1"}
 		w, err = async.NewWorker(d.DB, set)
 		require.NoError(t, err)
 		assert.Equal(t, set, w.Options())
@@ -143,6 +144,10 @@ func TestNewWorkerOptions(t *testing.T) {
 		w, err = async.NewWorker(d.DB, async.WorkerOptions{})
 		require.NoError(t, err)
 		assert.Equal(t, 5-reserved, w.Options().Concurrency, "the default is lowered to fit the pool")
+		assert.Equal(t, 4, w.Options().Prefetch, "Prefetch is at least 4")
+		w, err = async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: -5})
+		require.NoError(t, err)
+		assert.Equal(t, -1, w.Options().Prefetch, "a negative Prefetch turns it off")
 		_, err = async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 5 - reserved})
 		require.NoError(t, err)
 		_, err = async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 5 - reserved + 1})

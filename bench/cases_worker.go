@@ -285,6 +285,7 @@ func newWorker(db *gorm.DB, concurrency, batch int, poll time.Duration) (*async.
 		BatchSize:       batch,
 		PollInterval:    poll,
 		ShutdownTimeout: 10 * time.Second,
+		Prefetch:        prefetch,
 	})
 }
 
@@ -327,7 +328,7 @@ func (d *dbRun) startWorkerChildren(ctx context.Context, wc workerCase, poll tim
 			c++
 		}
 		k, err := startChild(childSpec{Mode: "worker", Kind: d.e.kind, DSN: d.e.dsn, Task: wc.task,
-			Concurrency: c, BatchSize: wc.batch, PollInterval: poll}, nil)
+			Concurrency: c, BatchSize: wc.batch, PollInterval: poll, Prefetch: prefetch}, nil)
 		if err == nil {
 			ks = append(ks, k)
 			err = k.waitReady(ctx, 30*time.Second)
@@ -339,3 +340,7 @@ func (d *dbRun) startWorkerChildren(ctx context.Context, wc workerCase, poll tim
 	}
 	return ks, nil
 }
+
+// prefetch is WorkerOptions.Prefetch of every worker the bench makes (the
+// -prefetch flag; a child process gets it in its spec).
+var prefetch int

@@ -38,6 +38,7 @@ type childSpec struct {
 	Concurrency  int           `json:"concurrency,omitempty"`
 	BatchSize    int           `json:"batch_size,omitempty"`
 	PollInterval time.Duration `json:"poll_interval,omitempty"`
+	Prefetch     int           `json:"prefetch,omitempty"`
 	Jobs         int           `json:"jobs,omitempty"` // producer: how many
 	Gap          time.Duration `json:"gap,omitempty"`  // producer: pause between commits
 }
@@ -186,6 +187,7 @@ func childWorker(ctx context.Context, spec childSpec) error {
 		return err
 	}
 	defer closeDB()
+	prefetch = spec.Prefetch
 	w, err := newWorker(db, spec.Concurrency, spec.BatchSize, spec.PollInterval)
 	if err != nil {
 		return err

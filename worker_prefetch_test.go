@@ -1,0 +1,130 @@
+package async_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// Prefetch: while a backlog of short jobs lasts, a worker claims more jobs
+// than it has free slots and keeps them ready.
+
+// prefetchQueue schedules, in run order, shorts quick jobs (priority 10),
+// one job that blocks until release (priority 5) and followers quick jobs
+// (priority 1). A worker with one slot runs the shorts, which teaches it
+// that jobs are short, and claims followers ahead while the blocker runs.
+func prefetchQueue(t *testing.T, db *gorm.DB, shorts, followers int) (blocker *async.Job, blocked <-chan int64, release chan struct{}, after []*async.Job) {
+	t.Helper()
+	for range shorts {
+		scheduleCtl(t, db, newKey(t, "short"), async.Priority(10))
+	}
+	started := make(chan int64, 10)
+	release = make(chan struct{})
+	key := newKey(t, "blocker")
+	on(t, key, blockUntil(started, release))
+	blocker = scheduleCtl(t, db, key, async.Priority(5))
+	for range followers {
+		after = append(after, scheduleCtl(t, db, newKey(t, "follower"), async.Priority(1)))
+	}
+	return blocker, started, release, after
+}
+
+// claimedAhead counts the jobs of after that a claim holds.
+func claimedAhead(t *testing.T, db *gorm.DB, after []*async.Job) int64 {
+	ids := make([]int64, len(after))
+	for i, j := range after {
+		ids[i] = j.ID
+	}
+	return count(t, db, "async_job", "id IN ? AND attempts = 1 AND locked_by <> ''", ids)
+}
+
+// A worker that stops gives back at once the jobs it claimed ahead, their
+// attempts uncounted, and starts none of them; the running job finishes.
+func TestWorkerPrefetchShutdownGivesBackReadyJobs(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		blocker, blocked, release, after := prefetchQueue(t, d.DB, 20, 10)
+		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
+			PollInterval: time.Hour, ShutdownTimeout: time.Minute})
+		require.NoError(t, err)
+		async.SetStaleAfter(w, time.Hour) // ready jobs stay ready while the blocker runs
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- w.Run(ctx) }()
+		recv(t, blocked, time.Minute, "the blocker to start")
+		if d.Kind == "sqlite" {
+			// The blocker holds the one writer, so no claim happens while
+			// it runs: followers are ahead only if its own claim took them.
+			t.Logf("followers claimed ahead: %d", claimedAhead(t, d.DB, after))
+		} else {
+			waitFor(t, time.Minute, "followers claimed ahead", func() bool { return claimedAhead(t, d.DB, after) > 0 })
+		}
+		cancel()
+		close(release)
+		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+
+		assert.NotNil(t, getJob(t, d.DB, blocker.ID).Executed, "the running job finished and committed")
+		for _, j := range after {
+			got := getJob(t, d.DB, j.ID)
+			assert.True(t, got.Pending(), "job %d", j.ID)
+			assert.Zero(t, got.Attempts, "job %d: a job claimed ahead and not started does not count an attempt", j.ID)
+			assert.Empty(t, got.LockedBy, "job %d", j.ID)
+			assert.Nil(t, got.LockedUntil, "job %d", j.ID)
+			assert.Nil(t, got.Started, "job %d", j.ID)
+		}
+		assert.Zero(t, count(t, d.DB, "effects", "k LIKE ?", t.Name()+"/follower/%"), "no follower ran")
+	})
+}
+
+// Jobs claimed ahead do not wait behind a long job: once no slot has freed
+// for a while, they go back, and another worker runs them while the long
+// job still runs. (Postgres and MySQL: on SQLite the long job holds the one
+// writer, so no other run could proceed anyway.)
+func TestWorkerPrefetchGivesBackJobsStuckBehindALongJob(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		if d.Kind == "sqlite" {
+			t.Log("not applicable: SQLite runs one job at a time")
+			return
+		}
+		migrateApp(t, d)
+		blocker, blocked, release, after := prefetchQueue(t, d.DB, 20, 10)
+		released := false
+		defer func() {
+			if !released {
+				close(release)
+			}
+		}()
+		// Worker A, as another process would, with its own log.
+		logs := newLogCapture()
+		a := secondHandle(t, d, d.DSN, &async.Plugin{Logger: logs.logger()})
+		w, err := async.NewWorker(a, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
+			PollInterval: time.Hour, ShutdownTimeout: time.Minute})
+		require.NoError(t, err)
+		async.SetStaleAfter(w, 200*time.Millisecond)
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- w.Run(ctx) }()
+		recv(t, blocked, time.Minute, "the blocker to start")
+		logs.waitLog(t, "gives back jobs claimed ahead", 1, time.Minute)
+
+		// Another worker runs every follower while the blocker still runs
+		// (A held some with a lease of an hour).
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, Prefetch: -1, PollInterval: 20 * time.Millisecond})
+		for _, j := range after {
+			waitJob(t, d.DB, j.ID, time.Minute, "a follower run by the other worker", executed)
+			assert.Equal(t, 1, getJob(t, d.DB, j.ID).Attempts, "job %d: the give-back uncounted A's claim", j.ID)
+		}
+		assert.Nil(t, getJob(t, d.DB, blocker.ID).Executed, "the blocker is still running")
+		released = true
+		close(release)
+		waitJob(t, d.DB, blocker.ID, time.Minute, "the blocker", executed)
+		cancel()
+		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+	})
+}
