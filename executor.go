@@ -26,6 +26,9 @@ type runOptions struct {
 	// writer, or later in a batch) are given back at once instead of
 	// running in the shutdown grace period. Jobs already running finish.
 	stop <-chan struct{}
+	// chain, in strict mode on a pipelined connection, lets a run's commit
+	// begin the next job's run in the same round trip (runChain).
+	chain *runChain
 }
 
 // stopping reports whether stop is closed.
@@ -58,6 +61,7 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 	_ = p.serialize(func() error {
 		for next := 0; next < len(jobs); {
 			if ctx.Err() != nil || o.stopping() {
+				o.chain.drop() // its row lock would hold up the release
 				p.releaseUnstarted(context.WithoutCancel(ctx), jobs[next:])
 				break
 			}
@@ -134,9 +138,14 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		now := p.now()
 		var fenced int64
 		var err error
-		if tx == nil {
+		switch {
+		case tx == nil && o.chain != nil && o.chain.begun != nil:
+			tx, fenced = o.chain.begun, o.chain.fenced // the last run's commit began it
+			o.chain.begun = nil
+			chainedRuns.Add(1)
+		case tx == nil:
 			tx, fenced, err = p.beginRun(bg, p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
-		} else {
+		default:
 			fenced, err = tx.exec(p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
 		}
 		if err != nil {
@@ -199,7 +208,20 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		var execErr, err error
 		if lastDone.k >= 0 {
 			job := jobs[lastDone.k]
-			_, execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
+			var next []*Job
+			if c := o.chain; c != nil && !shared && tx.pipelined() && ctx.Err() == nil && !o.stopping() {
+				next = c.take()
+			}
+			if next != nil {
+				n := next[0]
+				var nt *runTxn
+				_, execErr, err, nt, o.chain.fenced = tx.commitThenBegin(completeSQL,
+					[]any{lastDone.started, lastDone.at, lastDone.result, job.ID},
+					p.dialect.fenceSQL(), []any{n.ID, n.LockedBy, n.Attempts})
+				o.chain.next, o.chain.begun = next, nt
+			} else {
+				_, execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
+			}
 			if execErr != nil {
 				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack)
 			}

@@ -81,3 +81,7 @@ func SelectClaimableForTest(tx *gorm.DB, limit int, queues ...string) ([]*Job, e
 // SetStaleAfter changes how long w's ready jobs wait, with no slot freeing,
 // before they go back to the queue.
 func SetStaleAfter(w *Worker, d time.Duration) { w.staleAfter = d }
+
+// ChainedRuns counts the runs, in this process, that began in the same
+// round trip as the previous run's commit.
+func ChainedRuns() int64 { return chainedRuns.Load() }

@@ -125,6 +125,35 @@ func (t *runTxn) commitAfter(q string, args ...any) (n int64, execErr, commitErr
 	return n, execErr, commitErr
 }
 
+// pipelined reports whether the run's transaction is on a pipelined
+// connection (Postgres with pgx), where commitThenBegin applies.
+func (t *runTxn) pipelined() bool { return t.rc != nil && t.rc.conn != nil }
+
+// commitThenBegin runs q and commits, then begins the next run's
+// transaction on the same connection and runs next in it (a pipelined
+// connection: one round trip for all four). execErr and commitErr are as
+// for commitAfter; nt is the next run's transaction, nil if it could not be
+// begun (the caller then begins one afresh), with the rows next affected.
+func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nt *runTxn, nextN int64) {
+	conn := t.rc.conn
+	n, execErr, commitErr, nextN, beginErr := pipeCommitBegin(t.ctx, conn, q, args, next, nextArgs)
+	if execErr != nil || commitErr != nil {
+		return n, execErr, commitErr, nil, 0 // the caller rolls back what is open
+	}
+	t.ended = true
+	if t.rc.hasJobs.Load() {
+		t.p.wakers.broadcast()
+	}
+	if beginErr != nil {
+		pipeRollback(t.ctx, conn)
+		return n, nil, nil, nil, 0
+	}
+	nt = &runTxn{p: t.p, ctx: t.ctx, rc: &runConn{sqlDB: t.rc.sqlDB, conn: conn, ConnPool: conn}}
+	nt.db = t.p.session(t.ctx)
+	nt.db.Statement.ConnPool = nt.rc
+	return n, nil, nil, nt, nextN
+}
+
 // commit commits the run's transaction.
 func (t *runTxn) commit() error {
 	_, execErr, commitErr := t.commitAfter("")

@@ -3,7 +3,6 @@ package async
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -155,11 +154,12 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 // Options returns the worker's options with defaults filled in.
 func (w *Worker) Options() WorkerOptions { return w.opts }
 
-// Run claims and runs jobs until ctx is cancelled, then stops claiming, gives
-// back at once the claimed jobs that have not started (their attempts
-// uncounted), gives running jobs ShutdownTimeout to finish, cancels the rest
-// (their writes are rolled back and they stay runnable) and returns nil. Database errors are
-// logged and retried with backoff; they do not end Run.
+// Run claims and runs jobs until ctx is cancelled, then stops claiming (a
+// claim under way finishes), gives back at once the claimed jobs that have
+// not started (their attempts uncounted), gives running jobs
+// ShutdownTimeout to finish, cancels the rest (their writes are rolled back
+// and they stay runnable) and returns nil. Database errors are logged and
+// retried with backoff; they do not end Run.
 func (w *Worker) Run(ctx context.Context) error {
 	p, o := w.p, w.opts
 	log := p.Logger.With("worker", o.ID)
@@ -192,10 +192,38 @@ func (w *Worker) Run(ctx context.Context) error {
 		slots.Add(1)
 		go func() {
 			defer slots.Done()
-			for batch := range work {
-				ready.Add(-int64(len(batch)))
+			// take is a non-blocking receive from work: in strict mode a
+			// run's commit takes the slot's next job with it (runChain).
+			take := func() []*Job {
+				select {
+				case b, ok := <-work:
+					if ok {
+						ready.Add(-int64(len(b)))
+						return b
+					}
+				default:
+				}
+				return nil
+			}
+			var chain *runChain
+			if o.BatchSize == 1 {
+				chain = &runChain{take: take}
+			}
+			for {
+				var batch []*Job
+				if chain != nil {
+					batch = chain.pending()
+				}
+				if batch == nil {
+					b, ok := <-work
+					if !ok {
+						return
+					}
+					ready.Add(-int64(len(b)))
+					batch = b
+				}
 				start := time.Now()
-				p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done()})
+				p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done(), chain: chain})
 				done <- batchDone{jobs: len(batch), took: time.Since(start)}
 			}
 		}()
@@ -254,7 +282,13 @@ func (w *Worker) Run(ctx context.Context) error {
 		}
 		if more && limit+pf > 0 && ready.Load() <= int64(pf/2) {
 			f.limit = claimSize(limit+pf, o.BatchSize)
-			claimed, err := p.claim(ctx, f)
+			// Not cancelled by ctx: a claim is sent in one piece, and a
+			// server that has read it commits it even if this side stopped
+			// waiting, which would lease its jobs to a worker gone until the
+			// lease expires. Once claimed, jobs go back at once on shutdown.
+			cctx, cancelClaim := context.WithTimeout(context.WithoutCancel(ctx), claimTimeout)
+			claimed, err := p.claim(cctx, f)
+			cancelClaim()
 			if err != nil {
 				if ctx.Err() != nil {
 					break
@@ -363,78 +397,3 @@ func (w *Worker) listen(ctx context.Context) {
 		}
 	}
 }
-
-func resetTimer(t *time.Timer, d time.Duration) {
-	t.Stop()
-	select {
-	case <-t.C:
-	default:
-	}
-	t.Reset(d)
-}
-
-// jitter spreads d by ±20% so that idle workers do not poll in step.
-func jitter(d time.Duration) time.Duration {
-	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
-}
-
-// backoff is an exponential delay from 100ms to 30s, with jitter.
-type backoff struct{ d time.Duration }
-
-func newBackoff() *backoff { return &backoff{} }
-
-func (b *backoff) reset() { b.d = 0 }
-
-func (b *backoff) next() time.Duration {
-	switch {
-	case b.d == 0:
-		b.d = 100 * time.Millisecond
-	case b.d < 30*time.Second:
-		b.d = min(2*b.d, 30*time.Second)
-	}
-	return jitter(b.d)
-}
-
-// claimSize is how many jobs to claim when up to limit are wanted: with
-// group commit, whole batches where limit allows, so that a worker's claims
-// come in a few sizes (on Postgres each size is a prepared statement of its
-// own).
-func claimSize(limit, batch int) int {
-	if limit < batch {
-		return limit
-	}
-	return limit - limit%batch
-}
-
-// Prefetch applies while jobs run shorter than prefetchRunLimit on average,
-// so that a ready job waits about that long; ready jobs that wait staleAfter
-// without a slot freeing go back to the queue.
-const (
-	prefetchRunLimit = 10 * time.Millisecond
-	staleAfter       = 100 * time.Millisecond
-)
-
-// batchDone reports a slot's batch: its jobs and how long they took.
-type batchDone struct {
-	jobs int
-	took time.Duration
-}
-
-// ewma is an exponentially weighted moving average of durations; it knows
-// nothing until its first sample.
-type ewma struct {
-	avg time.Duration
-	n   int
-}
-
-func (e *ewma) add(d time.Duration) {
-	if e.n == 0 {
-		e.avg = d
-	} else {
-		e.avg += (d - e.avg) / 8
-	}
-	e.n++
-}
-
-// below reports whether samples were taken and their average is under d.
-func (e *ewma) below(d time.Duration) bool { return e.n > 0 && e.avg < d }

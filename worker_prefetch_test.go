@@ -19,7 +19,7 @@ import (
 // one job that blocks until release (priority 5) and followers quick jobs
 // (priority 1). A worker with one slot runs the shorts, which teaches it
 // that jobs are short, and claims followers ahead while the blocker runs.
-func prefetchQueue(t *testing.T, db *gorm.DB, shorts, followers int) (blocker *async.Job, blocked <-chan int64, release chan struct{}, after []*async.Job) {
+func prefetchQueue(t *testing.T, db *gorm.DB, shorts, followers int) (blocker *async.Job, blocked <-chan int64, release chan struct{}, after []*async.Job, afterKeys []string) {
 	t.Helper()
 	for range shorts {
 		scheduleCtl(t, db, newKey(t, "short"), async.Priority(10))
@@ -30,9 +30,11 @@ func prefetchQueue(t *testing.T, db *gorm.DB, shorts, followers int) (blocker *a
 	on(t, key, blockUntil(started, release))
 	blocker = scheduleCtl(t, db, key, async.Priority(5))
 	for range followers {
-		after = append(after, scheduleCtl(t, db, newKey(t, "follower"), async.Priority(1)))
+		k := newKey(t, "follower")
+		afterKeys = append(afterKeys, k)
+		after = append(after, scheduleCtl(t, db, k, async.Priority(1)))
 	}
-	return blocker, started, release, after
+	return blocker, started, release, after, afterKeys
 }
 
 // claimedAhead counts the jobs of after that a claim holds.
@@ -49,7 +51,7 @@ func claimedAhead(t *testing.T, db *gorm.DB, after []*async.Job) int64 {
 func TestWorkerPrefetchShutdownGivesBackReadyJobs(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
-		blocker, blocked, release, after := prefetchQueue(t, d.DB, 20, 10)
+		blocker, blocked, release, after, _ := prefetchQueue(t, d.DB, 20, 10)
 		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
 			PollInterval: time.Hour, ShutdownTimeout: time.Minute})
 		require.NoError(t, err)
@@ -93,7 +95,7 @@ func TestWorkerPrefetchGivesBackJobsStuckBehindALongJob(t *testing.T) {
 			return
 		}
 		migrateApp(t, d)
-		blocker, blocked, release, after := prefetchQueue(t, d.DB, 20, 10)
+		blocker, blocked, release, after, _ := prefetchQueue(t, d.DB, 20, 10)
 		released := false
 		defer func() {
 			if !released {
@@ -124,6 +126,78 @@ func TestWorkerPrefetchGivesBackJobsStuckBehindALongJob(t *testing.T) {
 		released = true
 		close(release)
 		waitJob(t, d.DB, blocker.ID, time.Minute, "the blocker", executed)
+		cancel()
+		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+	})
+}
+
+// Strict mode on Postgres: a run's COMMIT travels with the next ready job's
+// BEGIN and fence, and every job still runs exactly once, each in its own
+// transaction. (MySQL and SQLite have no pipeline: their runs begin alone.)
+func TestStrictRunsChainOnPostgres(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		var keys []string
+		var jobs []*async.Job
+		for range 60 {
+			k := newKey(t, "job")
+			keys = append(keys, k)
+			jobs = append(jobs, scheduleCtl(t, d.DB, k))
+		}
+		before := async.ChainedRuns()
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, PollInterval: 20 * time.Millisecond})
+		for _, j := range jobs {
+			waitJob(t, d.DB, j.ID, time.Minute, "a job", executed)
+		}
+		for i, j := range jobs {
+			assert.EqualValues(t, 1, effects(t, d.DB, keys[i]), "job %d: one committed run", j.ID)
+			assert.EqualValues(t, 1, runCount(keys[i]), "job %d: started once", j.ID)
+			assert.Equal(t, 1, getJob(t, d.DB, j.ID).Attempts)
+		}
+		chained := async.ChainedRuns() - before
+		if d.Kind == "postgres" {
+			assert.Positive(t, chained, "runs began with the previous commit")
+		} else {
+			assert.Zero(t, chained)
+		}
+	})
+}
+
+// A job claimed ahead and cancelled before it starts is skipped, also when
+// its run begins in the same round trip as the previous run's commit
+// (Postgres): the fence finds it no longer pending. (Postgres and MySQL: on
+// SQLite the cancellation waits for the one writer, which the running job
+// holds, so whether it comes before the next run is up to timing.)
+func TestWorkerSkipsAJobCancelledWhileReady(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		if d.Kind == "sqlite" {
+			t.Log("not applicable: SQLite runs one job at a time")
+			return
+		}
+		migrateApp(t, d)
+		_, blocked, release, after, keys := prefetchQueue(t, d.DB, 20, 10)
+		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
+			PollInterval: 20 * time.Millisecond})
+		require.NoError(t, err)
+		async.SetStaleAfter(w, time.Hour)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		ran := make(chan error, 1)
+		go func() { ran <- w.Run(ctx) }()
+		recv(t, blocked, time.Minute, "the blocker to start")
+		waitFor(t, time.Minute, "the first follower claimed ahead", func() bool { return claimedAhead(t, d.DB, after[:1]) == 1 })
+		n, err := async.Deschedule(d.DB, ctlTask, async.Args(keys[0]))
+		require.NoError(t, err)
+		require.EqualValues(t, 1, n, "the ready job is cancelled")
+		close(release)
+		for _, j := range after[1:] {
+			waitJob(t, d.DB, j.ID, time.Minute, "a later follower", executed)
+		}
+		got := getJob(t, d.DB, after[0].ID)
+		assert.NotNil(t, got.Cancelled)
+		assert.Nil(t, got.Executed)
+		assert.Nil(t, got.Started, "the cancelled job never started")
+		assert.Zero(t, runCount(keys[0]), "its task never ran")
 		cancel()
 		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
 	})

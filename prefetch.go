@@ -1,0 +1,53 @@
+package async
+
+import "time"
+
+// Prefetch (WorkerOptions.Prefetch): the worker's claims, sized by its free
+// slots and, while a backlog of short jobs lasts, by the jobs it keeps ready.
+
+// Prefetch applies while jobs run shorter than prefetchRunLimit on average,
+// so that a ready job waits about that long; ready jobs that wait staleAfter
+// without a slot freeing go back to the queue.
+const (
+	prefetchRunLimit = 10 * time.Millisecond
+	staleAfter       = 100 * time.Millisecond
+)
+
+// claimTimeout bounds a worker's claim, which its shutdown does not cancel.
+const claimTimeout = 30 * time.Second
+
+// batchDone reports a slot's batch: its jobs and how long they took.
+type batchDone struct {
+	jobs int
+	took time.Duration
+}
+
+// ewma is an exponentially weighted moving average of durations; it knows
+// nothing until its first sample.
+type ewma struct {
+	avg time.Duration
+	n   int
+}
+
+func (e *ewma) add(d time.Duration) {
+	if e.n == 0 {
+		e.avg = d
+	} else {
+		e.avg += (d - e.avg) / 8
+	}
+	e.n++
+}
+
+// below reports whether samples were taken and their average is under d.
+func (e *ewma) below(d time.Duration) bool { return e.n > 0 && e.avg < d }
+
+// claimSize is how many jobs to claim when up to limit are wanted: with
+// group commit, whole batches where limit allows, so that a worker's claims
+// come in a few sizes (on Postgres each size is a prepared statement of its
+// own).
+func claimSize(limit, batch int) int {
+	if limit < batch {
+		return limit
+	}
+	return limit - limit%batch
+}
