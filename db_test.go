@@ -53,6 +53,19 @@ func eachDB(t *testing.T, fn func(t *testing.T, d *testDB)) {
 	}
 }
 
+// eachServerDB runs fn as a subtest on Postgres and MySQL: for behaviour
+// that needs runs to proceed side by side, which SQLite's one writer rules
+// out (why says why, in the test's log).
+func eachServerDB(t *testing.T, why string, fn func(t *testing.T, d *testDB)) {
+	t.Helper()
+	t.Logf("Postgres and MySQL only: %s", why)
+	for _, kind := range dbKinds {
+		if kind != "sqlite" {
+			t.Run(kind, func(t *testing.T) { fn(t, newTestDB(t, kind, nil)) })
+		}
+	}
+}
+
 func testLogger() *slog.Logger {
 	if os.Getenv("ASYNC_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -89,11 +89,7 @@ func TestWorkerPrefetchShutdownGivesBackReadyJobs(t *testing.T) {
 // job still runs. (Postgres and MySQL: on SQLite the long job holds the one
 // writer, so no other run could proceed anyway.)
 func TestWorkerPrefetchGivesBackJobsStuckBehindALongJob(t *testing.T) {
-	eachDB(t, func(t *testing.T, d *testDB) {
-		if d.Kind == "sqlite" {
-			t.Log("not applicable: SQLite runs one job at a time")
-			return
-		}
+	eachServerDB(t, "on SQLite the long job holds the one writer", func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		blocker, blocked, release, after, _ := prefetchQueue(t, d.DB, 20, 10)
 		released := false
@@ -169,11 +165,7 @@ func TestStrictRunsChainOnPostgres(t *testing.T) {
 // SQLite the cancellation waits for the one writer, which the running job
 // holds, so whether it comes before the next run is up to timing.)
 func TestWorkerSkipsAJobCancelledWhileReady(t *testing.T) {
-	eachDB(t, func(t *testing.T, d *testDB) {
-		if d.Kind == "sqlite" {
-			t.Log("not applicable: SQLite runs one job at a time")
-			return
-		}
+	eachServerDB(t, "on SQLite the cancellation waits for the one writer", func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		_, blocked, release, after, keys := prefetchQueue(t, d.DB, 20, 10)
 		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
