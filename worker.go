@@ -184,10 +184,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	// Concurrency long-lived slot goroutines run batches from work, in
 	// claim order. (Long-lived, so that their stacks, grown once by the
 	// drivers' deep calls, are not grown again for every job.)
-	capacity := o.Concurrency * o.BatchSize // jobs running or ready
 	prefetch := max(o.Prefetch, 0)
-	work := make(chan []*Job, capacity+prefetch)
-	done := make(chan batchDone, capacity+prefetch)
+	work := make(chan []*Job, o.Concurrency+prefetch)
+	done := make(chan batchDone, o.Concurrency+prefetch)
 	var ready atomic.Int64 // jobs in work, not yet taken by a slot
 	var slots sync.WaitGroup
 	for range o.Concurrency {
@@ -245,24 +244,24 @@ func (w *Worker) Run(ctx context.Context) error {
 			})
 		}()
 	}
-	// takeReady empties work and returns how many jobs it took.
-	takeReady := func() (n int) {
+	// takeReady empties work and returns how many batches and jobs it took.
+	takeReady := func() (nb, nj int) {
 		var batches [][]*Job
 		for {
 			select {
 			case b := <-work:
 				ready.Add(-int64(len(b)))
 				batches = append(batches, b)
-				n += len(b)
+				nj += len(b)
 			default:
 				if len(batches) > 0 {
 					giveBack(batches)
 				}
-				return n
+				return len(batches), nj
 			}
 		}
 	}
-	outstanding := 0 // jobs sent to work and not done
+	outstanding := 0 // batches sent to work and not done (running, or ready for a slot)
 	var perJob ewma  // run time per job, recent runs weighted most
 	progress := time.Now()
 	f := &claimFilter{queues: o.Queues, lease: o.Lease, owner: o.ID}
@@ -277,7 +276,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		// Claim for the free slots and, while a backlog of short jobs lasts,
 		// the ready jobs Prefetch allows; with ready jobs left, wait until
 		// they run low, so that each claim takes many.
-		limit := capacity - outstanding
+		limit := (o.Concurrency - outstanding) * o.BatchSize
 		pf := 0
 		if backlog && perJob.below(prefetchRunLimit) {
 			pf = prefetch
@@ -306,7 +305,7 @@ func (w *Worker) Run(ctx context.Context) error {
 				for len(claimed) > 0 {
 					batch := claimed[:min(o.BatchSize, len(claimed))]
 					claimed = claimed[len(batch):]
-					outstanding += len(batch)
+					outstanding++
 					ready.Add(int64(len(batch)))
 					work <- batch
 				}
@@ -325,7 +324,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 		case r := <-done:
-			outstanding -= r.jobs
+			outstanding--
 			perJob.add(r.took / time.Duration(r.jobs))
 			progress = time.Now()
 		case <-wake:
@@ -334,17 +333,17 @@ func (w *Worker) Run(ctx context.Context) error {
 			more = true
 		case <-stale:
 			if time.Since(progress) >= w.staleAfter {
-				n := takeReady()
-				outstanding -= n
+				nb, nj := takeReady()
+				outstanding -= nb
 				backlog = false
-				log.Debug("async: worker gives back jobs claimed ahead: no slot freed", "jobs", n, "after", w.staleAfter)
+				log.Debug("async: worker gives back jobs claimed ahead: no slot freed", "jobs", nj, "after", w.staleAfter)
 			}
 		}
 		// Take every slot freed meanwhile, so that one claim fills them all.
 		for drained := false; !drained; {
 			select {
 			case r := <-done:
-				outstanding -= r.jobs
+				outstanding--
 				perJob.add(r.took / time.Duration(r.jobs))
 				progress = time.Now()
 			default:
@@ -356,14 +355,15 @@ func (w *Worker) Run(ctx context.Context) error {
 	// Jobs still waiting for a slot go back at once, their attempts
 	// uncounted; a slot that takes one first sees the shutdown and gives it
 	// back too.
-	outstanding -= takeReady()
+	nb, _ := takeReady()
+	outstanding -= nb
 	close(work)
 	// Graceful shutdown: no new claims; running jobs get the shutdown timeout.
 	stopListen()
 	finished := make(chan struct{})
 	go func() { slots.Wait(); close(finished) }()
 	if outstanding > 0 {
-		log.Info("async: worker stopping; waiting for running jobs", "jobs", outstanding, "timeout", o.ShutdownTimeout)
+		log.Info("async: worker stopping; waiting for running jobs", "running", outstanding, "timeout", o.ShutdownTimeout)
 	}
 	grace := time.NewTimer(o.ShutdownTimeout)
 	defer grace.Stop()
