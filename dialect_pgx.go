@@ -18,7 +18,7 @@ import (
 // and its COMMIT with its last, so a strict-mode job costs two round trips
 // of its own besides its task's (database/sql would take four: BEGIN, fence,
 // completion, COMMIT), and one when its COMMIT also begins the next run
-// (pipeCommitBegin). The transaction lives on a *sql.Conn, which the tasks'
+// (pipeCommit with next). The transaction lives on a *sql.Conn, which the tasks'
 // *gorm.DB uses as its connection pool.
 
 // usesPgx reports whether sqlDB's connections are pgx connections.
@@ -100,15 +100,24 @@ func pipeBegin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*s
 	return conn, n, nil
 }
 
-// pipeCommit sends q (if not "") and COMMIT in one round trip. On success
-// the transaction has committed; on an error the caller rolls back.
-func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any) (n int64, execErr, commitErr error) {
+// pipeCommit sends q (if not "") and COMMIT in one round trip, and with
+// next (if not "") also BEGIN and next: the next run's start on the same
+// connection. On success the transaction has committed. execErr is q's
+// error and commitErr COMMIT's (the server then skips the rest; the caller
+// rolls back what is open: after a COMMIT that answered ROLLBACK, BEGIN and
+// next ran). beginErr is the failure of BEGIN or next, after which the
+// caller rolls back; nextN is the rows next affected.
+func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nextN int64, beginErr error) {
 	err := withPgx(conn, func(pc *pgx.Conn) error {
 		b := &pgx.Batch{}
 		if q != "" {
 			b.Queue(rebind(q), args...)
 		}
 		b.Queue("COMMIT")
+		if next != "" {
+			b.Queue("BEGIN")
+			b.Queue(rebind(next), nextArgs...)
+		}
 		br := pc.SendBatch(ctx, b)
 		defer br.Close()
 		if q != "" {
@@ -123,59 +132,30 @@ func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any) (n in
 		switch {
 		case err != nil:
 			commitErr = err
+			return nil
 		case tag.String() != "COMMIT":
 			commitErr = errRolledBackAtCommit
-		}
-		if err := br.Close(); err != nil && execErr == nil && commitErr == nil {
-			commitErr = err
-		}
-		return nil
-	})
-	if err != nil && execErr == nil && commitErr == nil {
-		commitErr = err
-	}
-	return n, execErr, commitErr
-}
-
-// pipeCommitBegin sends q and COMMIT, then BEGIN and next, in one round
-// trip: a run's completion and commit together with the next run's start
-// on the same connection. execErr and commitErr are as for pipeCommit (the
-// server then skips the rest); beginErr is the failure of BEGIN or next,
-// after which the caller rolls back what is open. nextN is the rows next
-// affected.
-func pipeCommitBegin(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nextN int64, beginErr error) {
-	err := withPgx(conn, func(pc *pgx.Conn) error {
-		b := &pgx.Batch{}
-		b.Queue(rebind(q), args...)
-		b.Queue("COMMIT")
-		b.Queue("BEGIN")
-		b.Queue(rebind(next), nextArgs...)
-		br := pc.SendBatch(ctx, b)
-		defer br.Close()
-		tag, err := br.Exec()
-		if err != nil {
-			execErr = err
 			return nil
 		}
-		n = tag.RowsAffected()
-		tag, err = br.Exec()
-		switch {
-		case err != nil:
-			commitErr = err
-			return nil
-		case tag.String() != "COMMIT":
-			commitErr = errRolledBackAtCommit // BEGIN and next ran: the caller rolls back
-			return nil
+		if next != "" {
+			if _, err := br.Exec(); err != nil {
+				beginErr = err
+				return nil
+			}
+			tag, err := br.Exec()
+			if err != nil {
+				beginErr = err
+				return nil
+			}
+			nextN = tag.RowsAffected()
 		}
-		if _, err := br.Exec(); err != nil {
-			beginErr = err
-			return nil
+		if err := br.Close(); err != nil {
+			if next != "" {
+				beginErr = err
+			} else {
+				commitErr = err
+			}
 		}
-		tag, err = br.Exec()
-		if err == nil {
-			err = br.Close()
-		}
-		nextN, beginErr = tag.RowsAffected(), err
 		return nil
 	})
 	if err != nil && execErr == nil && commitErr == nil {

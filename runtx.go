@@ -67,10 +67,7 @@ func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runT
 			if err != nil {
 				return nil, 0, err
 			}
-			t.rc.conn, t.rc.ConnPool = conn, conn
-			t.db = p.session(ctx)
-			t.db.Statement.ConnPool = t.rc
-			return t, n, nil
+			return p.pipelinedTxn(ctx, conn), n, nil
 		}
 		tx, err := p.sqlDB.BeginTx(ctx, nil)
 		if err != nil {
@@ -91,6 +88,14 @@ func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runT
 	return t, n, nil
 }
 
+// pipelinedTxn is a run's transaction open on conn, a pipelined connection.
+func (p *Plugin) pipelinedTxn(ctx context.Context, conn *sql.Conn) *runTxn {
+	t := &runTxn{p: p, ctx: ctx, rc: &runConn{sqlDB: p.sqlDB, conn: conn, ConnPool: conn}}
+	t.db = p.session(ctx)
+	t.db.Statement.ConnPool = t.rc
+	return t
+}
+
 // exec runs a hot-path statement in the run's transaction.
 func (t *runTxn) exec(q string, args ...any) (int64, error) {
 	return t.p.execHot(t.db, q, args...)
@@ -101,7 +106,7 @@ func (t *runTxn) exec(q string, args ...any) (int64, error) {
 // rollback); commitErr is the commit's.
 func (t *runTxn) commitAfter(q string, args ...any) (n int64, execErr, commitErr error) {
 	if t.rc != nil && t.rc.conn != nil {
-		n, execErr, commitErr = pipeCommit(t.ctx, t.rc.conn, q, args)
+		n, execErr, commitErr, _, _ = pipeCommit(t.ctx, t.rc.conn, q, args, "", nil)
 		if execErr == nil && commitErr == nil {
 			t.ended = true
 			_ = t.rc.conn.Close()
@@ -136,7 +141,7 @@ func (t *runTxn) pipelined() bool { return t.rc != nil && t.rc.conn != nil }
 // begun (the caller then begins one afresh), with the rows next affected.
 func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nt *runTxn, nextN int64) {
 	conn := t.rc.conn
-	n, execErr, commitErr, nextN, beginErr := pipeCommitBegin(t.ctx, conn, q, args, next, nextArgs)
+	n, execErr, commitErr, nextN, beginErr := pipeCommit(t.ctx, conn, q, args, next, nextArgs)
 	if execErr != nil || commitErr != nil {
 		return n, execErr, commitErr, nil, 0 // the caller rolls back what is open
 	}
@@ -148,10 +153,7 @@ func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []a
 		pipeRollback(t.ctx, conn)
 		return n, nil, nil, nil, 0
 	}
-	nt = &runTxn{p: t.p, ctx: t.ctx, rc: &runConn{sqlDB: t.rc.sqlDB, conn: conn, ConnPool: conn}}
-	nt.db = t.p.session(t.ctx)
-	nt.db.Statement.ConnPool = nt.rc
-	return n, nil, nil, nt, nextN
+	return n, nil, nil, t.p.pipelinedTxn(t.ctx, conn), nextN
 }
 
 // commit commits the run's transaction.

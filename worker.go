@@ -92,7 +92,6 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 		return nil, err
 	}
 	if o.Concurrency < 0 || o.PollInterval < 0 || o.JobTimeout < 0 || o.ShutdownTimeout < 0 || o.Lease < 0 || o.BatchSize < 0 || o.BatchWindow < 0 {
-		// (a negative Prefetch means none)
 		return nil, errorf(ErrBadOption, "worker options must not be negative: %+v", o)
 	}
 	reserved := 1
@@ -264,6 +263,11 @@ func (w *Worker) Run(ctx context.Context) error {
 	outstanding := 0 // batches sent to work and not done (running, or ready for a slot)
 	var perJob ewma  // run time per job, recent runs weighted most
 	progress := time.Now()
+	finish := func(r batchDone) {
+		outstanding--
+		perJob.add(r.took / time.Duration(r.jobs))
+		progress = time.Now()
+	}
 	f := &claimFilter{queues: o.Queues, lease: o.Lease, owner: o.ID}
 	retry := newBackoff()
 	more := true     // the last claim may have left due jobs behind
@@ -324,9 +328,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 		case r := <-done:
-			outstanding--
-			perJob.add(r.took / time.Duration(r.jobs))
-			progress = time.Now()
+			finish(r)
 		case <-wake:
 			more = true
 		case <-timer.C:
@@ -343,9 +345,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		for drained := false; !drained; {
 			select {
 			case r := <-done:
-				outstanding--
-				perJob.add(r.took / time.Duration(r.jobs))
-				progress = time.Now()
+				finish(r)
 			default:
 				drained = true
 			}
