@@ -3,7 +3,7 @@ package async
 import "sync/atomic"
 
 // runChain carries a worker slot's runs from one to the next: when a strict
-// job commits on a pipelined connection and the slot has another job ready,
+// job commits on a connTxns connection and the slot has another job ready,
 // the COMMIT travels with the next run's BEGIN and fence (one round trip
 // instead of two), and the next run starts in that transaction.
 type runChain struct {

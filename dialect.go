@@ -33,9 +33,12 @@ type dialect struct {
 	// singleWriter is true for SQLite: one write transaction at a time, so the
 	// plugin serialises its own writers in-process.
 	singleWriter bool
-	// pipeline is true on Postgres through pgx: a run's BEGIN and COMMIT
-	// travel with its first and last statements (dialect_pgx.go).
+	// pipeline is true on Postgres through pgx (dialect_pgx.go).
 	pipeline bool
+	// txns, where set, holds runs' transactions on connections, BEGIN and
+	// COMMIT travelling with a run's first and last statements: pgx
+	// pipelines on Postgres, compound statements on MariaDB.
+	txns connTxns
 }
 
 // DialectInfo describes the database the plugin detected.
@@ -110,10 +113,16 @@ func parseVersion(v string) (int, int) {
 
 func versionMinor(v string) int { _, b := parseVersion(v); return b }
 
-// usePipeline decides pipeline once the plugin knows its pool (nil when
-// the pool is not a plain *sql.DB).
-func (d *dialect) usePipeline(sqlDB *sql.DB) {
+// useConnTxns decides pipeline and txns once the plugin knows its pool
+// (nil when the pool is not a plain *sql.DB).
+func (d *dialect) useConnTxns(db *gorm.DB, sqlDB *sql.DB) {
 	d.pipeline = d.kind == kindPostgres && usesPgx(sqlDB)
+	switch m := mariaBlocksFor(db, d, sqlDB); {
+	case d.pipeline:
+		d.txns = pgxTxns{}
+	case m != nil:
+		d.txns = m
+	}
 }
 
 // prepareHot reports whether the library's hot-path statements should be

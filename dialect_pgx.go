@@ -18,8 +18,11 @@ import (
 // and its COMMIT with its last, so a strict-mode job costs two round trips
 // of its own besides its task's (database/sql would take four: BEGIN, fence,
 // completion, COMMIT), and one when its COMMIT also begins the next run
-// (pipeCommit with next). The transaction lives on a *sql.Conn, which the tasks'
+// (commit with next). The transaction lives on a *sql.Conn, which the tasks'
 // *gorm.DB uses as its connection pool.
+
+// pgxTxns holds run transactions on Postgres in pgx pipelines (connTxns).
+type pgxTxns struct{}
 
 // usesPgx reports whether sqlDB's connections are pgx connections.
 func usesPgx(sqlDB *sql.DB) bool {
@@ -70,10 +73,10 @@ func withPgx(conn *sql.Conn, f func(pc *pgx.Conn) error) error {
 	})
 }
 
-// pipeBegin takes a connection from sqlDB and sends BEGIN and first (if
-// any) in one round trip; it returns the connection, holding the open
+// begin takes a connection from sqlDB and sends BEGIN and first (if any)
+// in one round trip; it returns the connection, holding the open
 // transaction, and the rows first affected.
-func pipeBegin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*sql.Conn, int64, error) {
+func (pgxTxns) begin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*sql.Conn, int64, error) {
 	conn, err := sqlDB.Conn(ctx)
 	if err != nil {
 		return nil, 0, err
@@ -100,14 +103,14 @@ func pipeBegin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*s
 	return conn, n, nil
 }
 
-// pipeCommit sends q (if not "") and COMMIT in one round trip, and with
-// next (if not "") also BEGIN and next: the next run's start on the same
+// commit sends q (if not "") and COMMIT in one round trip, and with next
+// (if not "") also BEGIN and next: the next run's start on the same
 // connection. On success the transaction has committed. execErr is q's
 // error and commitErr COMMIT's (the server then skips the rest; the caller
 // rolls back what is open: after a COMMIT that answered ROLLBACK, BEGIN and
 // next ran). beginErr is the failure of BEGIN or next, after which the
 // caller rolls back; nextN is the rows next affected.
-func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nextN int64, beginErr error) {
+func (pgxTxns) commit(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (execErr, commitErr error, nextN int64, beginErr error) {
 	err := withPgx(conn, func(pc *pgx.Conn) error {
 		b := &pgx.Batch{}
 		if q != "" {
@@ -121,12 +124,10 @@ func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any, next 
 		br := pc.SendBatch(ctx, b)
 		defer br.Close()
 		if q != "" {
-			tag, err := br.Exec()
-			if err != nil {
+			if _, err := br.Exec(); err != nil {
 				execErr = err
 				return nil
 			}
-			n = tag.RowsAffected()
 		}
 		tag, err := br.Exec()
 		switch {
@@ -161,12 +162,12 @@ func pipeCommit(ctx context.Context, conn *sql.Conn, q string, args []any, next 
 	if err != nil && execErr == nil && commitErr == nil {
 		commitErr = err
 	}
-	return n, execErr, commitErr, nextN, beginErr
+	return execErr, commitErr, nextN, beginErr
 }
 
-// pipeRollback rolls back the transaction on conn and returns conn to the
+// rollback rolls back the transaction on conn and returns conn to the
 // pool, or discards it if the rollback failed.
-func pipeRollback(ctx context.Context, conn *sql.Conn) {
+func (pgxTxns) rollback(ctx context.Context, conn *sql.Conn) {
 	_ = withPgx(conn, func(pc *pgx.Conn) error { return rollbackOrDiscard(ctx, pc, nil) })
 	_ = conn.Close()
 }

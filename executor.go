@@ -26,7 +26,7 @@ type runOptions struct {
 	// writer, or later in a batch) are given back at once instead of
 	// running in the shutdown grace period. Jobs already running finish.
 	stop <-chan struct{}
-	// chain, in strict mode on a pipelined connection, lets a run's commit
+	// chain, in strict mode on a connTxns connection, lets a run's commit
 	// begin the next job's run in the same round trip (runChain).
 	chain *runChain
 }
@@ -209,18 +209,18 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if lastDone.k >= 0 {
 			job := jobs[lastDone.k]
 			var next []*Job
-			if c := o.chain; c != nil && !shared && tx.pipelined() && ctx.Err() == nil && !o.stopping() {
+			if c := o.chain; c != nil && !shared && tx.onConn() && ctx.Err() == nil && !o.stopping() {
 				next = c.take()
 			}
 			if next != nil {
 				n := next[0]
 				var nt *runTxn
-				_, execErr, err, nt, o.chain.fenced = tx.commitThenBegin(completeSQL,
+				execErr, err, nt, o.chain.fenced = tx.commitThenBegin(completeSQL,
 					[]any{lastDone.started, lastDone.at, lastDone.result, job.ID},
 					p.dialect.fenceSQL(), []any{n.ID, n.LockedBy, n.Attempts})
 				o.chain.next, o.chain.begun = next, nt
 			} else {
-				_, execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
+				execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
 			}
 			if execErr != nil {
 				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack)

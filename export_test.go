@@ -85,3 +85,13 @@ func SetStaleAfter(w *Worker, d time.Duration) { w.staleAfter = d }
 // ChainedRuns counts the runs, in this process, that began in the same
 // round trip as the previous run's commit.
 func ChainedRuns() int64 { return chainedRuns.Load() }
+
+// SetInlineLimit sets the size past which MariaDB statements take their
+// arguments bound instead of written in (n > 0), and returns the undo.
+func SetInlineLimit(n int) (restore func()) {
+	old := mariaMaxInline
+	if n > 0 {
+		mariaMaxInline = n
+	}
+	return func() { mariaMaxInline = old }
+}

@@ -104,6 +104,11 @@ func (p *Plugin) hotTarget(db *gorm.DB, q string) (stmt *sql.Stmt, on sqlRunner)
 	if !p.dialect.questionMarks() {
 		return nil, nil
 	}
+	if rc, ok := db.Statement.ConnPool.(*runConn); ok && rc.conn != nil {
+		if m, ok := p.dialect.txns.(*mariaTxns); ok {
+			return nil, mariaConn{m, rc.conn} // a run's transaction on MariaDB
+		}
+	}
 	tx := sqlTxOf(db)
 	switch {
 	case tx != nil:

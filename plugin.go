@@ -77,7 +77,7 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 		p.Logger.Warn("async: database server lacks FOR UPDATE SKIP LOCKED; workers fall back to plain row locking", "version", d.version)
 	}
 	p.sqlDB = installCommitWake(db, p)
-	d.usePipeline(p.sqlDB)
+	d.useConnTxns(db, p.sqlDB)
 	registerBuiltins()
 	return db.Callback().Create().After("gorm:create").Register("async:wake_on_job_insert", p.afterCreate)
 }

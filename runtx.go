@@ -9,10 +9,31 @@ import (
 )
 
 // A run's transaction. The library opens it itself rather than through
-// GORM's Begin: on Postgres with pgx, BEGIN travels with the run's first
-// statement and COMMIT with its last, one round trip each (see
-// dialect_pgx.go); elsewhere the library's statements are prepared once per
-// connection (hotsql.go). Tasks get a *gorm.DB on the same transaction.
+// GORM's Begin: on Postgres with pgx and on MariaDB, BEGIN travels with the
+// run's first statement and COMMIT with its last, one round trip each (see
+// dialect_pgx.go, dialect_maria.go); elsewhere the library's statements are
+// prepared once per connection (hotsql.go). Tasks get a *gorm.DB on the
+// same transaction.
+
+// connTxns holds runs' transactions on a *sql.Conn, each BEGIN sent with a
+// run's first statement and each COMMIT with its last (pgxTxns,
+// mariaTxns).
+type connTxns interface {
+	// begin takes a connection from sqlDB and begins a transaction on it
+	// with first (a hot-path statement with ? placeholders, or ""),
+	// returning the connection and the rows first affected or returned.
+	begin(ctx context.Context, sqlDB *sql.DB, first string, args []any) (*sql.Conn, int64, error)
+	// commit runs q (if not "") and commits, and with next (if not "")
+	// begins the next run's transaction on conn and runs next in it.
+	// execErr is q's error and commitErr the commit's (the caller then
+	// rolls back what is open); beginErr is the next run's start's (the
+	// transaction committed; the caller rolls back), nextN the rows next
+	// affected or returned.
+	commit(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (execErr, commitErr error, nextN int64, beginErr error)
+	// rollback rolls back the transaction on conn and returns conn to the
+	// pool, or discards it if the rollback failed.
+	rollback(ctx context.Context, conn *sql.Conn)
+}
 
 // runTxn is one run's transaction.
 type runTxn struct {
@@ -34,7 +55,7 @@ type runConn struct {
 	gorm.ConnPool
 	sqlDB   *sql.DB
 	tx      *sql.Tx   // generic: a database/sql transaction
-	conn    *sql.Conn // pipelined: a connection with a transaction open
+	conn    *sql.Conn // connTxns: a connection with a transaction open
 	hasJobs atomic.Bool
 }
 
@@ -62,12 +83,12 @@ func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runT
 		}
 	} else {
 		t.rc = &runConn{sqlDB: p.sqlDB}
-		if p.dialect.pipeline {
-			conn, n, err := pipeBegin(ctx, p.sqlDB, first, args)
+		if txns := p.dialect.txns; txns != nil {
+			conn, n, err := txns.begin(ctx, p.sqlDB, first, args)
 			if err != nil {
 				return nil, 0, err
 			}
-			return p.pipelinedTxn(ctx, conn), n, nil
+			return p.connTxn(ctx, conn), n, nil
 		}
 		tx, err := p.sqlDB.BeginTx(ctx, nil)
 		if err != nil {
@@ -88,8 +109,8 @@ func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runT
 	return t, n, nil
 }
 
-// pipelinedTxn is a run's transaction open on conn, a pipelined connection.
-func (p *Plugin) pipelinedTxn(ctx context.Context, conn *sql.Conn) *runTxn {
+// connTxn is a run's transaction open on conn (connTxns).
+func (p *Plugin) connTxn(ctx context.Context, conn *sql.Conn) *runTxn {
 	t := &runTxn{p: p, ctx: ctx, rc: &runConn{sqlDB: p.sqlDB, conn: conn, ConnPool: conn}}
 	t.db = p.session(ctx)
 	t.db.Statement.ConnPool = t.rc
@@ -101,20 +122,20 @@ func (t *runTxn) exec(q string, args ...any) (int64, error) {
 	return t.p.execHot(t.db, q, args...)
 }
 
-// commitAfter runs q (unless it is "") and commits: on Postgres both in one
-// round trip. execErr is q's error (the transaction then still needs
-// rollback); commitErr is the commit's.
-func (t *runTxn) commitAfter(q string, args ...any) (n int64, execErr, commitErr error) {
+// commitAfter runs q (unless it is "") and commits: on a connTxns
+// connection both in one round trip. execErr is q's error (the transaction
+// then still needs rollback); commitErr is the commit's.
+func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 	if t.rc != nil && t.rc.conn != nil {
-		n, execErr, commitErr, _, _ = pipeCommit(t.ctx, t.rc.conn, q, args, "", nil)
+		execErr, commitErr, _, _ = t.p.dialect.txns.commit(t.ctx, t.rc.conn, q, args, "", nil)
 		if execErr == nil && commitErr == nil {
 			t.ended = true
 			_ = t.rc.conn.Close()
 		}
 	} else {
 		if q != "" {
-			if n, execErr = t.exec(q, args...); execErr != nil {
-				return n, execErr, nil
+			if _, execErr = t.exec(q, args...); execErr != nil {
+				return execErr, nil
 			}
 		}
 		if t.rc != nil {
@@ -127,38 +148,38 @@ func (t *runTxn) commitAfter(q string, args ...any) (n int64, execErr, commitErr
 	if t.ended && t.rc != nil && t.rc.hasJobs.Load() {
 		t.p.wakers.broadcast()
 	}
-	return n, execErr, commitErr
+	return execErr, commitErr
 }
 
-// pipelined reports whether the run's transaction is on a pipelined
-// connection (Postgres with pgx), where commitThenBegin applies.
-func (t *runTxn) pipelined() bool { return t.rc != nil && t.rc.conn != nil }
+// onConn reports whether the run's transaction is held on a connection by
+// connTxns (Postgres with pgx, MariaDB), where commitThenBegin applies.
+func (t *runTxn) onConn() bool { return t.rc != nil && t.rc.conn != nil }
 
 // commitThenBegin runs q and commits, then begins the next run's
-// transaction on the same connection and runs next in it (a pipelined
-// connection: one round trip for all four). execErr and commitErr are as
-// for commitAfter; nt is the next run's transaction, nil if it could not be
-// begun (the caller then begins one afresh), with the rows next affected.
-func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []any) (n int64, execErr, commitErr error, nt *runTxn, nextN int64) {
-	conn := t.rc.conn
-	n, execErr, commitErr, nextN, beginErr := pipeCommit(t.ctx, conn, q, args, next, nextArgs)
+// transaction on the same connection and runs next in it (one round trip
+// for all four). execErr and commitErr are as for commitAfter; nt is the
+// next run's transaction, nil if it could not be begun (the caller then
+// begins one afresh), with the rows next affected or returned.
+func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []any) (execErr, commitErr error, nt *runTxn, nextN int64) {
+	conn, txns := t.rc.conn, t.p.dialect.txns
+	execErr, commitErr, nextN, beginErr := txns.commit(t.ctx, conn, q, args, next, nextArgs)
 	if execErr != nil || commitErr != nil {
-		return n, execErr, commitErr, nil, 0 // the caller rolls back what is open
+		return execErr, commitErr, nil, 0 // the caller rolls back what is open
 	}
 	t.ended = true
 	if t.rc.hasJobs.Load() {
 		t.p.wakers.broadcast()
 	}
 	if beginErr != nil {
-		pipeRollback(t.ctx, conn)
-		return n, nil, nil, nil, 0
+		txns.rollback(t.ctx, conn)
+		return nil, nil, nil, 0
 	}
-	return n, nil, nil, t.p.pipelinedTxn(t.ctx, conn), nextN
+	return nil, nil, t.p.connTxn(t.ctx, conn), nextN
 }
 
 // commit commits the run's transaction.
 func (t *runTxn) commit() error {
-	_, execErr, commitErr := t.commitAfter("")
+	execErr, commitErr := t.commitAfter("")
 	if execErr != nil {
 		return execErr
 	}
@@ -176,7 +197,7 @@ func (t *runTxn) rollback() {
 	case t.rc == nil:
 		t.db.Rollback()
 	case t.rc.conn != nil:
-		pipeRollback(t.ctx, t.rc.conn)
+		t.p.dialect.txns.rollback(t.ctx, t.rc.conn)
 	default:
 		_ = t.rc.tx.Rollback()
 	}

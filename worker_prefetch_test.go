@@ -2,6 +2,7 @@ package async_test
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,10 +128,11 @@ func TestWorkerPrefetchGivesBackJobsStuckBehindALongJob(t *testing.T) {
 	})
 }
 
-// Strict mode on Postgres: a run's COMMIT travels with the next ready job's
-// BEGIN and fence, and every job still runs exactly once, each in its own
-// transaction. (MySQL and SQLite have no pipeline: their runs begin alone.)
-func TestStrictRunsChainOnPostgres(t *testing.T) {
+// Strict mode on Postgres and MariaDB: a run's COMMIT travels with the next
+// ready job's BEGIN and fence, and every job still runs exactly once, each
+// in its own transaction. (SQLite, and MySQL, which has no compound
+// statements outside stored programs, begin each run alone.)
+func TestStrictRunsChain(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		var keys []string
@@ -151,7 +153,9 @@ func TestStrictRunsChainOnPostgres(t *testing.T) {
 			assert.Equal(t, 1, getJob(t, d.DB, j.ID).Attempts)
 		}
 		chained := async.ChainedRuns() - before
-		if d.Kind == "postgres" {
+		info, err := async.Dialect(d.DB)
+		require.NoError(t, err)
+		if d.Kind == "postgres" || strings.Contains(info.Version, "MariaDB") {
 			assert.Positive(t, chained, "runs began with the previous commit")
 		} else {
 			assert.Zero(t, chained)
@@ -161,7 +165,7 @@ func TestStrictRunsChainOnPostgres(t *testing.T) {
 
 // A job claimed ahead and cancelled before it starts is skipped, also when
 // its run begins in the same round trip as the previous run's commit
-// (Postgres): the fence finds it no longer pending. (Postgres and MySQL: on
+// (Postgres, MariaDB): the fence finds it no longer pending. (Postgres and MySQL: on
 // SQLite the cancellation waits for the one writer, which the running job
 // holds, so whether it comes before the next run is up to timing.)
 func TestWorkerSkipsAJobCancelledWhileReady(t *testing.T) {

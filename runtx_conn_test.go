@@ -1,0 +1,135 @@
+package async_test
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+	_ "time/tzdata" // the time zone test's Asia/Tokyo
+
+	mysqldrv "github.com/go-sql-driver/mysql"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// On Postgres (pgx) and MariaDB a run's transaction is held on a connection
+// by the library, its BEGIN and COMMIT sent with the run's first and last
+// statements, and on MariaDB the library's arguments are written into those
+// statements as literals. These tests pin what that must not change.
+
+func echoResult(ctx context.Context, tx *gorm.DB, s string) (string, error) { return s, nil }
+
+func init() { async.MustRegister(echoResult) }
+
+// trickyText has what a literal could get wrong: quotes, backslashes, a
+// question mark (a placeholder to a naive rewrite), non-ASCII text and
+// control characters.
+const trickyText = "it's a \\'quoted\\' \"test\" -- ? ünïcödé 😀 \t\n\x01 end"
+
+// A task's result is stored exactly, whether the completion carries it as a
+// literal or (past the size limit for literals) as a bound argument.
+func TestRunResultStoredExactly(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		for _, limit := range []int{0, 16} {
+			restore := async.SetInlineLimit(limit) // 0: the default
+			long := strings.Repeat(trickyText, 200)
+			a, err := async.Schedule(d.DB, echoResult, async.Args(trickyText))
+			require.NoError(t, err)
+			b, err := async.Schedule(d.DB, echoResult, async.Args(long))
+			require.NoError(t, err)
+			n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+			restore()
+			require.NoError(t, err)
+			require.Equal(t, 2, n)
+			for _, c := range []struct {
+				id   int64
+				want string
+			}{{a.ID, trickyText}, {b.ID, long}} {
+				got := getJob(t, d.DB, c.id)
+				require.NotNil(t, got.Executed, "job %d ran", c.id)
+				want, _ := json.Marshal(c.want)
+				assert.Equal(t, string(want), got.Result, "limit %d", limit)
+			}
+		}
+	})
+}
+
+// Times a run writes are stored in the driver's time zone, as bound
+// arguments would be: read back through the same DSN, they are the instants
+// the run recorded.
+func TestRunTimesFollowTheDriversTimeZone(t *testing.T) {
+	base := newTestDB(t, "mysql", nil)
+	cfg, err := mysqldrv.ParseDSN(base.DSN)
+	require.NoError(t, err)
+	cfg.Loc, err = time.LoadLocation("Asia/Tokyo")
+	require.NoError(t, err)
+	db := openDB(t, "mysql", cfg.FormatDSN(), nil)
+	require.NoError(t, db.Use(&async.Plugin{Logger: testLogger()}))
+	migrateApp(t, &testDB{Kind: "mysql", DB: db})
+
+	before := time.Now().Add(-time.Second)
+	job, err := async.Schedule(db, echoResult, async.Args("tz"))
+	require.NoError(t, err)
+	n, err := async.FlushQueue(db, async.FlushOptions{})
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	after := time.Now().Add(time.Second)
+	got := getJob(t, db, job.ID)
+	require.NotNil(t, got.Started)
+	require.NotNil(t, got.Executed)
+	for name, at := range map[string]time.Time{"added": got.Added, "started": *got.Started, "executed": *got.Executed} {
+		assert.True(t, at.After(before) && at.Before(after), "%s %v is not between %v and %v", name, at, before, after)
+	}
+}
+
+// No connection goes back to the pool inside a transaction, whatever way a
+// run ends: committed, failed, panicked, or its statement failed.
+func TestRunsLeaveNoTransactionOpen(t *testing.T) {
+	eachServerDB(t, "SQLite has no server sessions to inspect", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		var ids []int64
+		wrote := map[string]int64{} // key: the effects its job leaves
+		for i, task := range []any{writeEffect, failAfterWrite, panicAfterWrite, badSQL} {
+			for j := range 5 {
+				key := newKey(t, "open")
+				opts := []async.Option{async.Args(key)}
+				wrote[key] = 0
+				if i == 0 {
+					opts = []async.Option{async.Args(key, j)}
+					wrote[key] = 1
+				}
+				job, err := async.Schedule(d.DB, task, opts...)
+				require.NoError(t, err)
+				ids = append(ids, job.ID)
+			}
+		}
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 3, PollInterval: 20 * time.Millisecond})
+		for _, id := range ids {
+			waitJob(t, d.DB, id, time.Minute, "a first attempt", func(j *async.Job) bool {
+				return j.Executed != nil || j.Failed != nil || j.Scheduled != nil && j.Attempts > 0 && j.LockedBy == ""
+			})
+		}
+		stop()
+		sqlDB, err := d.DB.DB()
+		require.NoError(t, err)
+		require.Positive(t, sqlDB.Stats().Idle, "the pool kept its connections")
+		q := `SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`
+		if d.Kind == "mysql" {
+			q = `SELECT COUNT(*) FROM information_schema.INNODB_TRX t JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id
+				WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()`
+		}
+		var open int64
+		require.NoError(t, d.DB.Raw(q).Scan(&open).Error)
+		assert.Zero(t, open, "pooled connections with a transaction open")
+		// A transaction left open would also have been committed by the
+		// connection's next BEGIN (MySQL commits implicitly there).
+		for key, n := range wrote {
+			assert.Equal(t, n, effects(t, d.DB, key), "effects of %s", key)
+		}
+	})
+}
