@@ -6,12 +6,24 @@ import "time"
 // slots and, while a backlog of short jobs lasts, by the jobs it keeps ready.
 
 // Prefetch applies while jobs run shorter than prefetchRunLimit on average,
-// so that a ready job waits about that long; ready jobs that wait staleAfter
-// without a slot freeing go back to the queue.
+// and keeps ready no more jobs than the slots run in about prefetchSpan, so
+// that the last ready job (and a job scheduled meanwhile at a higher
+// priority) waits about that long; ready jobs that wait staleAfter without
+// a slot freeing go back to the queue.
 const (
 	prefetchRunLimit = 10 * time.Millisecond
+	prefetchSpan     = 20 * time.Millisecond
 	staleAfter       = 100 * time.Millisecond
 )
+
+// readyLimit is how many jobs to keep ready: at most prefetch, and about as
+// many as concurrency slots run in prefetchSpan at perJob each, at least one.
+func readyLimit(prefetch, concurrency int, perJob time.Duration) int {
+	if perJob <= 0 {
+		return prefetch
+	}
+	return min(prefetch, max(1, int(time.Duration(concurrency)*prefetchSpan/perJob)))
+}
 
 // claimTimeout bounds a worker's claim, which its shutdown does not cancel.
 const claimTimeout = 30 * time.Second
