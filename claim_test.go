@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -400,4 +401,32 @@ func TestClaimLocksOnlyTheJobsItTakes(t *testing.T) {
 			assert.NoError(t, err, "job %d, which the claim did not take, is not locked", j.ID)
 		}
 	})
+}
+
+// A MySQL/MariaDB claim takes no gap locks (it reads at READ COMMITTED):
+// while its transaction is open, after its locking reads ran to the end of
+// the pending jobs, Schedule still inserts jobs into the range it read.
+// Under REPEATABLE READ the insert would wait for the claim's next-key lock.
+func TestClaimDoesNotBlockSchedule(t *testing.T) {
+	d := newTestDB(t, "mysql", nil)
+	migrateApp(t, d)
+	for range 3 {
+		scheduleCtl(t, d.DB, newKey(t, "pending"))
+	}
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	defer async.SetClaimReadHook(func() { once.Do(func() { close(paused); <-resume }) })()
+	flushed := make(chan error, 1)
+	go func() {
+		_, err := async.FlushQueue(d.DB, async.FlushOptions{Jobs: 10})
+		flushed <- err
+	}()
+	recv(t, paused, time.Minute, "the claim to have read the pending jobs")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	_, err := async.Schedule(d.DB.WithContext(ctx), ctlTask, async.Args(newKey(t, "during-claim")))
+	cancel()
+	close(resume)
+	require.NoError(t, err, "Schedule while a claim's transaction is open")
+	require.NoError(t, recv(t, flushed, time.Minute, "FlushQueue to end"))
+	assert.Zero(t, count(t, d.DB, "async_job", "executed IS NULL AND cancelled IS NULL AND failed IS NULL"), "all four jobs ran")
 }

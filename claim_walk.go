@@ -5,7 +5,6 @@ import (
 	"strings"
 	"time"
 
-	"gorm.io/gorm"
 )
 
 // The claim reads pending jobs one priority at a time. A read of all due
@@ -146,7 +145,7 @@ func (p *Plugin) claimIDs(f *claimFilter, now time.Time) (string, []any) {
 // reads every pending row). SQLite could; its short statements were chosen
 // when its driver compiled every statement on every execution, and they stay
 // cheap now that they are prepared once per connection.
-func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func(prio int, set dueSet, want int) ([]*Job, error)) ([]*Job, error) {
+func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, take func(prio int, set dueSet, want int) ([]*Job, error)) ([]*Job, error) {
 	due := f.dueTime(now)
 	var jobs []*Job
 	probe := func(below ...any) (prio int, hasDue, ok bool, err error) {
@@ -158,7 +157,7 @@ func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func
 		args = append(args, below...)
 		// Straight to database/sql (queryHot): GORM's statement building
 		// costs as much as SQLite's running this.
-		rows, err := p.queryHot(db, q, args...)
+		rows, err := query(q, args...)
 		if err != nil {
 			return 0, false, false, err
 		}
@@ -196,7 +195,7 @@ func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func
 }
 
 // selectClaimable reads (and row-locks) up to f.limit claimable jobs in run
-// order inside the claim transaction tx: the claim of MySQL and MariaDB
+// order inside the claim transaction that query runs in: the claim of MySQL and MariaDB
 // (and of SQLite before 3.35, which has no RETURNING). Each half asks only
 // for the jobs still missing and is an exact range of async_job_pending
 // (executed, cancelled, failed, priority, scheduled, id), read in index
@@ -208,11 +207,11 @@ func (p *Plugin) walkClaim(db *gorm.DB, f *claimFilter, now time.Time, take func
 // past the end, whose lock InnoDB keeps too. It used to lock every pending
 // row its first read passed over, which made completions wait for claims
 // and deadlock with them.
-func (p *Plugin) selectClaimable(tx *gorm.DB, f *claimFilter, now time.Time) ([]*Job, error) {
+func (p *Plugin) selectClaimable(query hotQuery, f *claimFilter, now time.Time) ([]*Job, error) {
 	conds, cargs := p.claimConds(f, now)
 	due := f.dueTime(now)
-	return p.walkClaim(tx, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
+	return p.walkClaim(query, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
 		args := append(append([]any{prio}, halfArgs(set, due, cargs)...), want)
-		return p.queryJobs(tx, p.claimHalf(jobColumnsJ, "?", set, conds, "?"), args...)
+		return scanJobs(query(p.claimHalf(jobColumnsJ, "?", set, conds, "?"), args...))
 	})
 }

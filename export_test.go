@@ -75,7 +75,7 @@ func SelectClaimableForTest(tx *gorm.DB, limit int, queues ...string) ([]*Job, e
 	if err != nil {
 		return nil, err
 	}
-	return p.selectClaimable(tx, &claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
+	return p.selectClaimable(p.hotQueryOn(tx), &claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
 }
 
 // SetStaleAfter changes how long w's ready jobs wait, with no slot freeing,
@@ -94,4 +94,12 @@ func SetInlineLimit(n int) (restore func()) {
 		mariaMaxInline = n
 	}
 	return func() { mariaMaxInline = old }
+}
+
+// SetClaimReadHook makes MySQL claims call f between their reads and their
+// UPDATE, their transaction open, and returns the undo.
+func SetClaimReadHook(f func()) (restore func()) {
+	old := claimReadHook
+	claimReadHook = f
+	return func() { claimReadHook = old }
 }

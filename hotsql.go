@@ -180,9 +180,22 @@ func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
 	return n, rows.Err()
 }
 
+// hotQuery runs hot-path queries with ? placeholders somewhere: on a
+// *gorm.DB (hotQueryOn), or on a claim's connection (claimWalkBlocks).
+type hotQuery func(q string, args ...any) (*sql.Rows, error)
+
+// hotQueryOn runs hot-path queries on db.
+func (p *Plugin) hotQueryOn(db *gorm.DB) hotQuery {
+	return func(q string, args ...any) (*sql.Rows, error) { return p.queryHot(db, q, args...) }
+}
+
 // queryJobs runs a hot-path query returning rows of jobColumnList.
 func (p *Plugin) queryJobs(db *gorm.DB, q string, args ...any) ([]*Job, error) {
-	rows, err := p.queryHot(db, q, args...)
+	return scanJobs(p.queryHot(db, q, args...))
+}
+
+// scanJobs reads rows of jobColumnList and closes them.
+func scanJobs(rows *sql.Rows, err error) ([]*Job, error) {
 	if err != nil {
 		return nil, err
 	}
