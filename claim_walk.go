@@ -4,7 +4,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
 )
 
 // The claim reads pending jobs one priority at a time. A read of all due
