@@ -15,7 +15,43 @@ import (
 type cpuSnap struct {
 	busy, idle, iowait int64 // host jiffies from /proc/stat
 	proc               time.Duration
+	server             int64 // jiffies of the local database servers' processes
 	ok                 bool
+}
+
+// serverNames are the process names of the database servers on this host.
+var serverNames = map[string]bool{"postgres": true, "mariadbd": true, "mysqld": true}
+
+// serverJiffies sums the CPU (user and system, with that of reaped children,
+// such as Postgres backends that exited) of the database server processes
+// running on this host; 0 where /proc cannot tell.
+func serverJiffies() int64 {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, e := range ents {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		open, close := strings.IndexByte(string(b), '('), strings.LastIndexByte(string(b), ')')
+		if open < 0 || close < open || !serverNames[string(b[open+1:close])] {
+			continue
+		}
+		f := strings.Fields(string(b[close+1:]))
+		if len(f) < 15 {
+			continue
+		}
+		for _, v := range f[11:15] { // utime stime cutime cstime
+			n += atoi64(v)
+		}
+	}
+	return n
 }
 
 // procCPU is the CPU time (user and system) this process has used.
@@ -28,7 +64,7 @@ func procCPU() time.Duration {
 }
 
 func takeCPU() cpuSnap {
-	s := cpuSnap{proc: procCPU()}
+	s := cpuSnap{proc: procCPU(), server: serverJiffies()}
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		return s
@@ -60,6 +96,10 @@ func cpuNote(a, b cpuSnap, jobs int64, inProcess bool) string {
 	var parts []string
 	if inProcess && jobs > 0 {
 		parts = append(parts, fmt.Sprintf("bench %.0fµs cpu/job", float64((b.proc-a.proc).Microseconds())/float64(jobs)))
+	}
+	if srv := b.server - a.server; jobs > 0 && srv > 0 {
+		// jiffies are 10ms (USER_HZ 100 on Linux)
+		parts = append(parts, fmt.Sprintf("server %.0fµs cpu/job", float64(srv)*1e4/float64(jobs)))
 	}
 	if a.ok && b.ok {
 		busy, idle, wait := b.busy-a.busy, b.idle-a.idle, b.iowait-a.iowait
