@@ -77,9 +77,10 @@ var errNotInlinable = errors.New("async: argument cannot be written as an SQL li
 
 // inline writes args into q's ? placeholders (the library's hot-path SQL has
 // no ? in literals) as literals: integers in decimal, strings and bytes in
-// hexadecimal (X'...', which needs no escaping under any sql_mode), times in
-// the driver's time zone at microsecond precision as the driver sends them,
-// nil as NULL.
+// hexadecimal (X'...', which needs no escaping under any sql_mode; strings
+// with the _utf8mb4 introducer, so that they compare and convert as bound
+// strings do), times in the driver's time zone at microsecond precision as
+// the driver sends them, nil as NULL.
 func (m *mariaTxns) inline(q string, args []any) (string, error) {
 	parts := splitPlaceholders(q)
 	if len(parts) != len(args)+1 {
@@ -125,7 +126,9 @@ func (m *mariaTxns) appendLiteral(b []byte, a any) ([]byte, error) {
 		}
 		return append(b, '0'), nil
 	case string:
-		return appendHex(b, []byte(v)), nil
+		// A character string, as a bound one is: compared under the
+		// column's collation, converted to the column's character set.
+		return appendHex(append(b, "_utf8mb4 "...), []byte(v)), nil
 	case []byte:
 		return appendHex(b, v), nil
 	case time.Time:

@@ -24,8 +24,8 @@ func TestMariaInlineWritesLiterals(t *testing.T) {
 		want string
 	}{
 		{"SELECT ? , ?, ?", []any{int64(-5), 7, uint64(9)}, "SELECT -5 , 7, 9"},
-		{"x = ?", []any{"it's a \\ \"test\" ünïcode"}, "x = X'" + hexOf("it's a \\ \"test\" ünïcode") + "'"},
-		{"x = ?", []any{""}, "x = X''"},
+		{"x = ?", []any{"it's a \\ \"test\" ünïcode"}, "x = _utf8mb4 X'" + hexOf("it's a \\ \"test\" ünïcode") + "'"},
+		{"x = ?", []any{""}, "x = _utf8mb4 X''"},
 		{"x = ?", []any{[]byte{0, 1, 0xff}}, "x = X'0001ff'"},
 		{"x = ?", []any{nil}, "x = NULL"},
 		{"x = ?", []any{(*time.Time)(nil)}, "x = NULL"},
@@ -33,7 +33,7 @@ func TestMariaInlineWritesLiterals(t *testing.T) {
 		// In the driver's time zone, microseconds kept (the driver sends no finer).
 		{"x = ?", []any{at}, "x = '2026-11-28 05:07:08.921456'"},
 		{"x = ?", []any{&at}, "x = '2026-11-28 05:07:08.921456'"},
-		{"x = ?", []any{sql.NullString{String: "a", Valid: true}}, "x = X'61'"},
+		{"x = ?", []any{sql.NullString{String: "a", Valid: true}}, "x = _utf8mb4 X'61'"},
 		{"x = ?", []any{sql.NullInt64{}}, "x = NULL"},
 	}
 	for _, c := range cases {

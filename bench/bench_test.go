@@ -121,10 +121,10 @@ func TestPrefillSize(t *testing.T) {
 	group := workerCase{task: taskNoop, conc: 8, procs: 1, batch: 64}
 	// -queue-depth, plus the estimated rate over the warm-up (600ms) and
 	// the 3s window, times 1.5: 5.4 s of the rate.
-	if n, est := d.prefillSize(strict); est != defaultStrictRate || n != 2000+16200 {
+	if n, est := d.prefillSize(strict); est != defaultStrictRate || n != 2000+64800 {
 		t.Fatalf("strict default: %d jobs at %v jobs/s", n, est)
 	}
-	if n, _ := d.prefillSize(group); n != 2000+108000 {
+	if n, _ := d.prefillSize(group); n != 2000+270000 {
 		t.Fatalf("group default: %d jobs", n)
 	}
 	d.noteRate(group, 30000)

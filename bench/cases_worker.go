@@ -48,8 +48,8 @@ const maxRateGrowth = 2
 // any database, so overfilling costs only the untimed prefill. (MySQL used
 // to start lower: its claims read every pending row.)
 const (
-	defaultStrictRate = 3000
-	defaultGroupRate  = 20000
+	defaultStrictRate = 12000
+	defaultGroupRate  = 50000
 )
 
 // rateKey is the kind of throughput case a rate estimate is kept for, per
