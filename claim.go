@@ -3,7 +3,6 @@ package async
 import (
 	"context"
 	"crypto/rand"
-	"database/sql"
 	"encoding/hex"
 	"fmt"
 	"sort"
@@ -148,53 +147,6 @@ func (p *Plugin) claimWalkTx(ctx context.Context, f *claimFilter, now, lease tim
 		return err
 	}, p.dialect.claimTxOptions())
 	return jobs, err
-}
-
-// claimWalkBlocks is claimWalkTx on MariaDB, in compound statements on a
-// connection of its own: the transaction's start (at READ COMMITTED, see
-// claimTxOptions) travels with the first read, and its COMMIT with the
-// UPDATE. Four round trips at most where database/sql takes seven.
-func (p *Plugin) claimWalkBlocks(ctx context.Context, m *mariaTxns, f *claimFilter, now, lease time.Time) ([]*Job, error) {
-	conn, err := p.sqlDB.Conn(ctx)
-	if err != nil {
-		return nil, err
-	}
-	const begin = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION"
-	begun := false
-	jobs, err := p.selectClaimable(func(q string, args ...any) (*sql.Rows, error) {
-		s, err := m.inline(q, args)
-		if err != nil { // too long to write in: statements of their own
-			if !begun {
-				begun = true
-				for _, b := range strings.Split(begin, "; ") {
-					if _, err := conn.ExecContext(ctx, b); err != nil {
-						return nil, err
-					}
-				}
-			}
-			return conn.QueryContext(ctx, q, args...)
-		}
-		if !begun {
-			begun = true
-			s = "BEGIN NOT ATOMIC " + begin + "; " + s + "; END"
-		}
-		return conn.QueryContext(ctx, s)
-	}, f, now)
-	if err == nil && len(jobs) > 0 {
-		claimReadHook()
-		q, args := leaseSQL(jobs, f.owner, lease)
-		var commitErr error
-		if err, commitErr, _, _ = m.commit(ctx, conn, q, args, "", nil); err == nil {
-			err = commitErr
-		}
-	} else if err == nil {
-		_, err = conn.ExecContext(ctx, "COMMIT")
-	}
-	if err != nil {
-		m.rollback(ctx, conn) // returns conn
-		return nil, err
-	}
-	return jobs, conn.Close()
 }
 
 // claimReadHook runs in a MySQL claim's transaction between its reads and

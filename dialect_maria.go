@@ -265,9 +265,12 @@ func (m *mariaTxns) rollback(ctx context.Context, conn *sql.Conn) {
 	_ = conn.Close()
 }
 
-// mariaConn runs hot-path statements in a run's transaction on conn, with
+// runner runs hot-path statements in a run's transaction on conn, with
 // their arguments written in (one round trip, no prepare), or bound where
 // they cannot be.
+func (m *mariaTxns) runner(conn *sql.Conn) sqlRunner { return mariaConn{m, conn} }
+
+// mariaConn is mariaTxns.runner.
 type mariaConn struct {
 	m    *mariaTxns
 	conn *sql.Conn
@@ -301,4 +304,51 @@ func countRows(rows *sql.Rows, err error) (int64, error) {
 		return 0, err
 	}
 	return n, rows.Close()
+}
+
+// claimWalkBlocks is claimWalkTx on MariaDB, in compound statements on a
+// connection of its own: the transaction's start (at READ COMMITTED, see
+// claimTxOptions) travels with the first read, and its COMMIT with the
+// UPDATE. Four round trips at most where database/sql takes seven.
+func (p *Plugin) claimWalkBlocks(ctx context.Context, m *mariaTxns, f *claimFilter, now, lease time.Time) ([]*Job, error) {
+	conn, err := p.sqlDB.Conn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	const begin = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION"
+	begun := false
+	jobs, err := p.selectClaimable(func(q string, args ...any) (*sql.Rows, error) {
+		s, err := m.inline(q, args)
+		if err != nil { // too long to write in: statements of their own
+			if !begun {
+				begun = true
+				for _, b := range strings.Split(begin, "; ") {
+					if _, err := conn.ExecContext(ctx, b); err != nil {
+						return nil, err
+					}
+				}
+			}
+			return conn.QueryContext(ctx, q, args...)
+		}
+		if !begun {
+			begun = true
+			s = "BEGIN NOT ATOMIC " + begin + "; " + s + "; END"
+		}
+		return conn.QueryContext(ctx, s)
+	}, f, now)
+	if err == nil && len(jobs) > 0 {
+		claimReadHook()
+		q, args := leaseSQL(jobs, f.owner, lease)
+		var commitErr error
+		if err, commitErr, _, _ = m.commit(ctx, conn, q, args, "", nil); err == nil {
+			err = commitErr
+		}
+	} else if err == nil {
+		_, err = conn.ExecContext(ctx, "COMMIT")
+	}
+	if err != nil {
+		m.rollback(ctx, conn) // returns conn
+		return nil, err
+	}
+	return jobs, conn.Close()
 }

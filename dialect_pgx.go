@@ -24,6 +24,10 @@ import (
 // pgxTxns holds run transactions on Postgres in pgx pipelines (connTxns).
 type pgxTxns struct{}
 
+// runner is nil: GORM runs hot-path statements in a run's transaction
+// (pgx prepares and caches them itself).
+func (pgxTxns) runner(*sql.Conn) sqlRunner { return nil }
+
 // usesPgx reports whether sqlDB's connections are pgx connections.
 func usesPgx(sqlDB *sql.DB) bool {
 	if sqlDB == nil {

@@ -105,9 +105,7 @@ func (p *Plugin) hotTarget(db *gorm.DB, q string) (stmt *sql.Stmt, on sqlRunner)
 		return nil, nil
 	}
 	if rc, ok := db.Statement.ConnPool.(*runConn); ok && rc.conn != nil {
-		if m, ok := p.dialect.txns.(*mariaTxns); ok {
-			return nil, mariaConn{m, rc.conn} // a run's transaction on MariaDB
-		}
+		return nil, p.dialect.txns.runner(rc.conn) // a run's transaction held by connTxns
 	}
 	tx := sqlTxOf(db)
 	switch {

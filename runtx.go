@@ -33,6 +33,9 @@ type connTxns interface {
 	// rollback rolls back the transaction on conn and returns conn to the
 	// pool, or discards it if the rollback failed.
 	rollback(ctx context.Context, conn *sql.Conn)
+	// runner runs hot-path statements in the transaction on conn, or is
+	// nil where GORM runs them.
+	runner(conn *sql.Conn) sqlRunner
 }
 
 // runTxn is one run's transaction.
