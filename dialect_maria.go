@@ -192,18 +192,6 @@ func (m *mariaTxns) begin(ctx context.Context, sqlDB *sql.DB, first string, args
 // start on the same connection. The errors are as for pgxTxns.commit; an error
 // before the COMMIT took effect is reported as execErr.
 func (m *mariaTxns) commit(ctx context.Context, conn *sql.Conn, q string, args []any, next string, nextArgs []any) (execErr, commitErr error, nextN int64, beginErr error) {
-	body := ""
-	if q != "" {
-		s, err := m.inline(q, args)
-		if err != nil {
-			// Too long, or not writable as literals: bound arguments.
-			if _, err := conn.ExecContext(ctx, q, args...); err != nil {
-				return err, nil, 0, nil
-			}
-		} else {
-			body = s + "; "
-		}
-	}
 	nq := ""
 	if next != "" {
 		s, err := m.inline(next, nextArgs)
@@ -216,6 +204,18 @@ func (m *mariaTxns) commit(ctx context.Context, conn *sql.Conn, q string, args [
 			return execErr, commitErr, 0, err
 		}
 		nq = s
+	}
+	body := ""
+	if q != "" {
+		s, err := m.inline(q, args)
+		if err != nil {
+			// Too long, or not writable as literals: bound arguments.
+			if _, err := conn.ExecContext(ctx, q, args...); err != nil {
+				return err, nil, 0, nil
+			}
+		} else {
+			body = s + "; "
+		}
 	}
 	if next == "" {
 		if body == "" {

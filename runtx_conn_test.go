@@ -31,29 +31,41 @@ func init() { async.MustRegister(echoResult) }
 const trickyText = "it's a \\'quoted\\' \"test\" -- ? ünïcödé 😀 \t\n\x01 end"
 
 // A task's result is stored exactly, whether the completion carries it as a
-// literal or (past the size limit for literals) as a bound argument.
+// literal or (past the size limit for literals) as a bound argument, run by
+// FlushQueue or by a worker (whose commits also begin the next run).
 func TestRunResultStoredExactly(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
+		long := strings.Repeat(trickyText, 200)
 		for _, limit := range []int{0, 16} {
-			restore := async.SetInlineLimit(limit) // 0: the default
-			long := strings.Repeat(trickyText, 200)
-			a, err := async.Schedule(d.DB, echoResult, async.Args(trickyText))
-			require.NoError(t, err)
-			b, err := async.Schedule(d.DB, echoResult, async.Args(long))
-			require.NoError(t, err)
-			n, err := async.FlushQueue(d.DB, async.FlushOptions{})
-			restore()
-			require.NoError(t, err)
-			require.Equal(t, 2, n)
-			for _, c := range []struct {
-				id   int64
-				want string
-			}{{a.ID, trickyText}, {b.ID, long}} {
-				got := getJob(t, d.DB, c.id)
-				require.NotNil(t, got.Executed, "job %d ran", c.id)
-				want, _ := json.Marshal(c.want)
-				assert.Equal(t, string(want), got.Result, "limit %d", limit)
+			for _, byWorker := range []bool{false, true} {
+				restore := async.SetInlineLimit(limit) // 0: the default
+				want := map[int64]string{}
+				for i := range 6 {
+					text := []string{trickyText, long}[i%2]
+					job, err := async.Schedule(d.DB, echoResult, async.Args(text))
+					require.NoError(t, err)
+					want[job.ID] = text
+				}
+				if byWorker {
+					stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+					for id := range want {
+						waitJob(t, d.DB, id, time.Minute, "the job", executed)
+					}
+					stop()
+				} else {
+					n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+					require.NoError(t, err)
+					require.Equal(t, len(want), n)
+				}
+				restore()
+				for id, text := range want {
+					got := getJob(t, d.DB, id)
+					require.NotNil(t, got.Executed, "job %d ran", id)
+					assert.Equal(t, 1, got.Attempts, "job %d ran once", id)
+					w, _ := json.Marshal(text)
+					assert.Equal(t, string(w), got.Result, "limit %d, worker %v", limit, byWorker)
+				}
 			}
 		}
 	})
