@@ -39,7 +39,8 @@ const DefaultFlushJobs = 300
 // failing job and returns its error, after recording it. It returns how many
 // jobs ran (a failing one included). A group's final job waits for the rest
 // of its group. When another run holds the same partition it returns
-// ErrPartitionBusy at once. The context of db cancels the run.
+// ErrPartitionBusy at once. The context of db cancels the run (a claim
+// under way then finishes, and its job goes back to the queue at once).
 func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 	p, err := pluginOf(db)
 	if err != nil {
