@@ -280,6 +280,8 @@ func (p *Plugin) jobsInserted(db *gorm.DB) {
 	switch c := db.Statement.ConnPool.(type) {
 	case *wakeTx:
 		c.hasJobs.Store(true)
+	case *runConn:
+		c.hasJobs.Store(true) // a task scheduled jobs: wake at the run's commit
 	case gorm.TxCommitter:
 		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
 	default:

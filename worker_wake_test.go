@@ -1,6 +1,7 @@
 package async_test
 
 import (
+	"context"
 	"errors"
 	"testing"
 	"time"
@@ -54,5 +55,39 @@ func TestWorkerWakesOnCommitInProcess(t *testing.T) {
 			return errRollback
 		}), errRollback)
 		assert.EqualValues(t, 4, count(t, d.DB, "async_job", ""))
+	})
+}
+
+// spawnsJob schedules a follow-up job from inside its run, with Schedule or
+// (many) with ScheduleMany.
+func spawnsJob(ctx context.Context, tx *gorm.DB, key string, many bool) error {
+	if many {
+		_, err := async.ScheduleMany(tx, async.Task(ctlTask, async.Args(key+"-child")))
+		return err
+	}
+	_, err := async.Schedule(tx, ctlTask, async.Args(key+"-child"))
+	return err
+}
+
+func init() { async.MustRegister(spawnsJob) }
+
+// A job a task schedules, with Schedule or ScheduleMany, wakes this
+// process's idle workers when the run commits (on Postgres with the NOTIFY
+// trigger dropped, so that only the in-process wake-up can deliver).
+func TestWorkerWakesOnJobsScheduledByATask(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		if d.Kind == "postgres" {
+			require.NoError(t, d.DB.Exec("DROP TRIGGER async_job_notify ON async_job").Error)
+		}
+		idleWorker(t, d, time.Hour)
+		for _, many := range []bool{false, true} {
+			key := newKey(t, "spawn")
+			_, err := async.Schedule(d.DB, spawnsJob, async.Args(key, many))
+			require.NoError(t, err)
+			waitFor(t, 30*time.Second, "the follow-up job executed", func() bool {
+				return effects(t, d.DB, key+"-child") == 1
+			})
+		}
 	})
 }
