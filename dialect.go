@@ -114,15 +114,19 @@ func parseVersion(v string) (int, int) {
 func versionMinor(v string) int { _, b := parseVersion(v); return b }
 
 // useConnTxns decides pipeline and txns once the plugin knows its pool
-// (nil when the pool is not a plain *sql.DB).
-func (d *dialect) useConnTxns(db *gorm.DB, sqlDB *sql.DB) {
+// (nil when the pool is not a plain *sql.DB). It returns why MariaDB's
+// compound statements are not used on a server that has them, or "".
+func (d *dialect) useConnTxns(db *gorm.DB, sqlDB *sql.DB) (why string) {
 	d.pipeline = d.kind == kindPostgres && usesPgx(sqlDB)
-	switch m := mariaBlocksFor(db, d, sqlDB); {
-	case d.pipeline:
+	if d.pipeline {
 		d.txns = pgxTxns{}
-	case m != nil:
+		return ""
+	}
+	m, why := mariaBlocksFor(db, d, sqlDB)
+	if m != nil {
 		d.txns = m
 	}
+	return why
 }
 
 // prepareHot reports whether the library's hot-path statements should be

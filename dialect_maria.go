@@ -38,20 +38,25 @@ type mariaTxns struct {
 
 // mariaBlocksFor returns the compound-statement run transactions for a
 // MariaDB server reached through go-sql-driver via GORM's mysql dialector,
-// whose DSN gives the time zone the driver writes times in; else nil.
-func mariaBlocksFor(db *gorm.DB, d *dialect, sqlDB *sql.DB) *mariaTxns {
-	if d.kind != kindMySQL || sqlDB == nil || !strings.Contains(strings.ToLower(d.version), "mariadb") {
-		return nil
+// whose DSN gives the time zone the driver writes times in. Where they do
+// not apply it returns nil, with the reason when the server is a MariaDB
+// that has them.
+func mariaBlocksFor(db *gorm.DB, d *dialect, sqlDB *sql.DB) (*mariaTxns, string) {
+	if d.kind != kindMySQL || !strings.Contains(strings.ToLower(d.version), "mariadb") {
+		return nil, ""
 	}
 	if major, minor := parseVersion(d.version); major < 10 || major == 10 && minor < 2 {
-		return nil
+		return nil, ""
+	}
+	if sqlDB == nil {
+		return nil, "the connection pool is not a *sql.DB"
 	}
 	if _, ok := sqlDB.Driver().(*mysqldrv.MySQLDriver); !ok {
-		return nil
+		return nil, fmt.Sprintf("the driver is %T, not go-sql-driver/mysql", sqlDB.Driver())
 	}
 	md, ok := db.Dialector.(*gormmysql.Dialector)
 	if !ok || md.Config == nil || md.DSNConfig == nil {
-		return nil
+		return nil, "the DSN's loc is unknown (GORM's mysql dialector was given no DSN)"
 	}
 	// The server (or a proxy in front of it, or sql_mode=ORACLE) may still
 	// refuse the syntax: try it once.
@@ -59,13 +64,13 @@ func mariaBlocksFor(db *gorm.DB, d *dialect, sqlDB *sql.DB) *mariaTxns {
 	defer cancel()
 	var one int
 	if err := sqlDB.QueryRowContext(ctx, "BEGIN NOT ATOMIC START TRANSACTION; SELECT 1; ROLLBACK; END").Scan(&one); err != nil || one != 1 {
-		return nil
+		return nil, fmt.Sprintf("a trial compound statement failed: %v", err)
 	}
 	loc := md.DSNConfig.Loc
 	if loc == nil {
 		loc = time.UTC
 	}
-	return &mariaTxns{loc: loc}
+	return &mariaTxns{loc: loc}, ""
 }
 
 // mariaMaxInline bounds a statement with its arguments written in; a

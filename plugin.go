@@ -77,7 +77,9 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 		p.Logger.Warn("async: database server lacks FOR UPDATE SKIP LOCKED; workers fall back to plain row locking", "version", d.version)
 	}
 	p.sqlDB = installCommitWake(db, p)
-	d.useConnTxns(db, p.sqlDB)
+	if why := d.useConnTxns(db, p.sqlDB); why != "" {
+		p.Logger.Info("async: MariaDB compound statements unavailable; runs and claims take more round trips", "reason", why)
+	}
 	registerBuiltins()
 	return db.Callback().Create().After("gorm:create").Register("async:wake_on_job_insert", p.afterCreate)
 }

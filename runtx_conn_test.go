@@ -2,8 +2,10 @@ package async_test
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	_ "time/tzdata" // the time zone test's Asia/Tokyo
@@ -11,7 +13,9 @@ import (
 	mysqldrv "github.com/go-sql-driver/mysql"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gorm.io/driver/mysql"
 	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
 
 	"github.com/gormasync/async"
 )
@@ -144,4 +148,83 @@ func TestRunsLeaveNoTransactionOpen(t *testing.T) {
 			assert.Equal(t, n, effects(t, d.DB, key), "effects of %s", key)
 		}
 	})
+}
+
+// MySQL without MariaDB's compound statements: here a MariaDB reached
+// through a GORM mysql dialector given a *sql.DB instead of a DSN (the
+// plugin then cannot know the DSN's loc), which is also the path MySQL 8
+// takes. The plugin says why at Initialize, and runs and claims go through
+// database/sql transactions with statements prepared once per connection:
+// each job once, failures rolled back and recorded, claims at READ
+// COMMITTED, no transaction left open.
+func TestMySQLWithoutCompoundStatements(t *testing.T) {
+	d := newTestDB(t, "mysql", nil)
+	migrateApp(t, d)
+	sqlDB, err := sql.Open("mysql", d.DSN)
+	require.NoError(t, err)
+	sqlDB.SetMaxOpenConns(20)
+	t.Cleanup(func() { _ = sqlDB.Close() })
+	db, err := gorm.Open(mysql.New(mysql.Config{Conn: sqlDB}), &gorm.Config{Logger: logger.Default.LogMode(logger.Silent)})
+	require.NoError(t, err)
+	logs := newLogCapture()
+	require.NoError(t, db.Use(&async.Plugin{Logger: logs.logger()}))
+	info, err := async.Dialect(db)
+	require.NoError(t, err)
+	if !strings.Contains(info.Version, "MariaDB") {
+		t.Skipf("not MariaDB (%s): the database/sql path is the only one, and the rest of the suite covers it", info.Version)
+	}
+	assert.Equal(t, 1, logs.count("compound statements unavailable"), "Initialize says why")
+
+	keys := map[string]int64{} // key: the effects its job leaves
+	var ids []int64
+	for i := range 24 {
+		key := newKey(t, "plain")
+		var job *async.Job
+		if i%8 == 7 {
+			job, err = async.Schedule(db, failAfterWrite, async.Args(key))
+			keys[key] = 0
+		} else {
+			job, err = async.Schedule(db, writeEffect, async.Args(key, i))
+			keys[key] = 1
+		}
+		require.NoError(t, err)
+		ids = append(ids, job.ID)
+	}
+	before := async.ChainedRuns()
+	stop := startWorker(t, db, async.WorkerOptions{Concurrency: 3, PollInterval: 20 * time.Millisecond})
+	for _, id := range ids {
+		waitJob(t, db, id, time.Minute, "a first attempt", func(j *async.Job) bool {
+			return j.Executed != nil || j.Scheduled != nil && j.Attempts > 0 && j.LockedBy == ""
+		})
+	}
+	stop()
+	assert.Zero(t, async.ChainedRuns()-before, "no chained runs without compound statements")
+	for key, n := range keys {
+		assert.Equal(t, n, effects(t, db, key), "effects of %s", key)
+		assert.EqualValues(t, 1, runCount(key), "%s ran once", key)
+	}
+	assert.EqualValues(t, 3, count(t, db, "async_error", ""), "each failure recorded")
+
+	// A claim's open transaction does not block Schedule (READ COMMITTED).
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	defer async.SetClaimReadHook(func() { once.Do(func() { close(paused); <-resume }) })()
+	scheduleCtl(t, db, newKey(t, "pending"))
+	flushed := make(chan error, 1)
+	go func() {
+		_, err := async.FlushQueue(db, async.FlushOptions{Jobs: 10})
+		flushed <- err
+	}()
+	recv(t, paused, time.Minute, "the claim to have read the pending jobs")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	_, err = async.Schedule(db.WithContext(ctx), ctlTask, async.Args(newKey(t, "during-claim")))
+	cancel()
+	close(resume)
+	require.NoError(t, err, "Schedule while a claim's transaction is open")
+	require.NoError(t, recv(t, flushed, time.Minute, "FlushQueue to end"))
+
+	var open int64
+	require.NoError(t, db.Raw(`SELECT COUNT(*) FROM information_schema.INNODB_TRX t JOIN information_schema.PROCESSLIST p
+		ON p.ID = t.trx_mysql_thread_id WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()`).Scan(&open).Error)
+	assert.Zero(t, open, "pooled connections with a transaction open")
 }
