@@ -166,16 +166,7 @@ func (p *Plugin) queryHot(db *gorm.DB, q string, args ...any) (*sql.Rows, error)
 
 // countHot runs a hot-path query and counts the rows it returns.
 func (p *Plugin) countHot(db *gorm.DB, q string, args ...any) (int64, error) {
-	rows, err := p.queryHot(db, q, args...)
-	if err != nil {
-		return 0, err
-	}
-	defer rows.Close()
-	var n int64
-	for rows.Next() {
-		n++
-	}
-	return n, rows.Err()
+	return countRows(p.queryHot(db, q, args...))
 }
 
 // hotQuery runs hot-path queries with ? placeholders somewhere: on a

@@ -23,16 +23,23 @@ func idleWorker(t *testing.T, d *testDB, poll time.Duration) {
 	waitJob(t, d.DB, sentinel.ID, time.Minute, "the sentinel executed", executed)
 }
 
+// idleWorkerInProcessOnly is idleWorker polling once an hour, on Postgres
+// with the NOTIFY trigger dropped: only the in-process wake-up can reach it.
+func idleWorkerInProcessOnly(t *testing.T, d *testDB) {
+	t.Helper()
+	if d.Kind == "postgres" {
+		require.NoError(t, d.DB.Exec("DROP TRIGGER async_job_notify ON async_job").Error)
+	}
+	idleWorker(t, d, time.Hour)
+}
+
 // Point 10a: a worker polling once an hour picks up a job committed through
 // the plugin in its own process (on Postgres with the NOTIFY trigger
 // dropped, so that only the in-process wake-up can deliver).
 func TestWorkerWakesOnCommitInProcess(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
-		if d.Kind == "postgres" {
-			require.NoError(t, d.DB.Exec("DROP TRIGGER async_job_notify ON async_job").Error)
-		}
-		idleWorker(t, d, time.Hour)
+		idleWorkerInProcessOnly(t, d)
 
 		auto := scheduleCtl(t, d.DB, newKey(t, "autocommit"))
 		waitJob(t, d.DB, auto.ID, 30*time.Second, "picked up after an autocommit Schedule", executed)
@@ -77,10 +84,7 @@ func init() { async.MustRegister(spawnsJob) }
 func TestWorkerWakesOnJobsScheduledByATask(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
-		if d.Kind == "postgres" {
-			require.NoError(t, d.DB.Exec("DROP TRIGGER async_job_notify ON async_job").Error)
-		}
-		idleWorker(t, d, time.Hour)
+		idleWorkerInProcessOnly(t, d)
 		for _, many := range []bool{false, true} {
 			key := newKey(t, "spawn")
 			_, err := async.Schedule(d.DB, spawnsJob, async.Args(key, many))
