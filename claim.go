@@ -112,7 +112,7 @@ func (p *Plugin) claimOneUpdate(ctx context.Context, f *claimFilter, now, lease 
 func (p *Plugin) claimHalfUpdates(db *gorm.DB, f *claimFilter, now, lease time.Time) ([]*Job, error) {
 	conds, cargs := p.claimConds(f, now)
 	due := f.dueTime(now)
-	jobs, err := p.walkClaim(p.hotQueryOn(db), f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
+	jobs, err := p.walkClaim(p.hotQueryOn(db), f, now, "", func(prio int, set dueSet, want int) ([]*Job, error) {
 		q := "UPDATE " + jobTable + " SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id IN (" +
 			p.claimHalf("j.id", "?", set, conds, "?") + ") RETURNING " + jobColumnList
 		args := append(append([]any{f.owner, lease, prio}, halfArgs(set, due, cargs)...), want)

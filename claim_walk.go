@@ -68,20 +68,21 @@ func (p *Plugin) claimConds(f *claimFilter, now time.Time) (string, []any) {
 	return b.String(), args
 }
 
-// priorityProbe is the SQL of the highest pending priority (below ?, with
-// below), one descent of async_job_pending. Where the dialect probesDue it
-// also tells whether that priority has due scheduled jobs (one more
-// descent, arguments: the due time first), so that the claim skips that
-// half's statement when it has none.
-func (p *Plugin) priorityProbe(below bool) string {
+// priorityProbe is the SQL of the highest pending priority, one descent of
+// async_job_pending: of all of them (cmp ""), or only of those below (cmp
+// "<") or above (cmp ">") the priority given as its last argument. Where the
+// dialect probesDue it also tells whether that priority has due scheduled
+// jobs (one more descent, arguments: the due time first), so that the claim
+// skips that half's statement when it has none.
+func (p *Plugin) priorityProbe(cmp string) string {
 	q := "SELECT t.priority"
 	if p.dialect.probesDue() {
 		q += ", EXISTS (SELECT 1 FROM " + jobTable + " d WHERE " + pending("d") +
 			" AND d.priority = t.priority" + p.dialect.dueCond("d", dueScheduled) + ")"
 	}
 	q += " FROM " + jobTable + " t WHERE " + pending("t")
-	if below {
-		q += " AND t.priority < ?"
+	if cmp != "" {
+		q += " AND t.priority " + cmp + " ?"
 	}
 	return q + " ORDER BY t.priority DESC LIMIT 1"
 }
@@ -93,7 +94,13 @@ func (p *Plugin) priorityProbe(below bool) string {
 // dueScheduled the due time, then those of conds, then the limit if a
 // placeholder.
 func (p *Plugin) claimHalf(cols, prio string, set dueSet, conds, limit string) string {
-	return "SELECT " + cols + " FROM " + jobTable + " j WHERE " + pending("j") + " AND j.priority = " + prio +
+	return p.claimHalfFrom(jobTable+" j", cols, prio, set, conds, limit)
+}
+
+// claimHalfFrom is claimHalf reading from the table expression from (which
+// names async_job j, with an index hint perhaps).
+func (p *Plugin) claimHalfFrom(from, cols, prio string, set dueSet, conds, limit string) string {
+	return "SELECT " + cols + " FROM " + from + " WHERE " + pending("j") + " AND j.priority = " + prio +
 		p.dialect.dueCond("j", set) + conds + " ORDER BY " + p.dialect.dueOrder("j", set) + " LIMIT " + limit + p.dialect.lockClause()
 }
 
@@ -144,16 +151,16 @@ func (p *Plugin) claimIDs(f *claimFilter, now time.Time) (string, []any) {
 // reads every pending row). SQLite could; its short statements were chosen
 // when its driver compiled every statement on every execution, and they stay
 // cheap now that they are prepared once per connection.
-func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, take func(prio int, set dueSet, want int) ([]*Job, error)) ([]*Job, error) {
+func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, hint string, take func(prio int, set dueSet, want int) ([]*Job, error)) ([]*Job, error) {
 	due := f.dueTime(now)
 	var jobs []*Job
-	probe := func(below ...any) (prio int, hasDue, ok bool, err error) {
+	probe := func(cmp string, than ...any) (prio int, hasDue, ok bool, err error) {
 		var args []any
 		if p.dialect.probesDue() {
 			args = append(args, due)
 		}
-		q := p.priorityProbe(len(below) > 0)
-		args = append(args, below...)
+		q := p.priorityProbe(cmp)
+		args = append(args, than...)
 		// Straight to database/sql (queryHot): GORM's statement building
 		// costs as much as SQLite's running this.
 		rows, err := query(q, args...)
@@ -174,8 +181,26 @@ func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, take f
 		}
 		return prio, hasDue, ok, rows.Err()
 	}
-	prio, hasDue, ok, err := probe()
+	// With a hint, the top priority is the hinted one unless a higher one
+	// has pending jobs: that probe starts above the hinted priority's
+	// entries, where the full probe would read past its finished jobs'
+	// entries not yet purged (claim_hint.go).
+	var prio int
+	var hasDue, ok, hinted bool
+	var err error
+	if top, found := p.hints.top(hint); hint != "" && found {
+		prio, hasDue, ok, err = probe(">", top)
+		if err == nil && !ok {
+			prio, hasDue, ok, hinted = top, true, true, true
+		}
+	} else {
+		prio, hasDue, ok, err = probe("")
+	}
+	if ok && err == nil && hint != "" {
+		p.hints.setTop(hint, prio)
+	}
 	for ok && err == nil && len(jobs) < f.limit {
+		took := 0
 		for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
 			if len(jobs) == f.limit || set == dueScheduled && !hasDue {
 				continue
@@ -185,9 +210,14 @@ func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, take f
 				return jobs, err
 			}
 			jobs = append(jobs, part...)
+			took += len(part)
 		}
+		if hinted && took == 0 {
+			p.hints.dropTop(hint) // it may have no pending job left
+		}
+		hinted = false
 		if len(jobs) < f.limit {
-			prio, hasDue, ok, err = probe(prio)
+			prio, hasDue, ok, err = probe("<", prio)
 		}
 	}
 	return jobs, err
@@ -209,8 +239,56 @@ func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, take f
 func (p *Plugin) selectClaimable(query hotQuery, f *claimFilter, now time.Time) ([]*Job, error) {
 	conds, cargs := p.claimConds(f, now)
 	due := f.dueTime(now)
-	return p.walkClaim(query, f, now, func(prio int, set dueSet, want int) ([]*Job, error) {
-		args := append(append([]any{prio}, halfArgs(set, due, cargs)...), want)
-		return scanJobs(query(p.claimHalf(jobColumnsJ, "?", set, conds, "?"), args...))
+	// read reads one half, above or below a hint's bound if given. A read
+	// above the bound names the index: left to choose, MySQL and MariaDB
+	// read the half as a lookup of its equality prefix (pending, priority,
+	// scheduled IS NULL) and test the bound on every entry from the head of
+	// that prefix, the very entries the hint is for passing by.
+	read := func(prio int, set dueSet, bound string, barg any, above bool, want int) ([]*Job, error) {
+		from, c, a := jobTable+" j", conds, cargs
+		if bound != "" {
+			c, a = bound+conds, append([]any{barg}, cargs...)
+		}
+		if above {
+			from += p.dialect.pendingIndexHint()
+		}
+		args := append(append([]any{prio}, halfArgs(set, due, a)...), want)
+		return scanJobs(query(p.claimHalfFrom(from, jobColumnsJ, "?", set, c, "?"), args...))
+	}
+	if !p.dialect.claimHints() {
+		return p.walkClaim(query, f, now, "", func(prio int, set dueSet, want int) ([]*Job, error) {
+			return read(prio, set, "", nil, false, want)
+		})
+	}
+	name := f.hintName()
+	return p.walkClaim(query, f, now, name, func(prio int, set dueSet, want int) ([]*Job, error) {
+		k := hintKey{filter: name, prio: prio, set: set}
+		h, ok := p.hints.get(k)
+		if !ok {
+			jobs, err := read(prio, set, "", nil, false, want)
+			if err == nil && len(jobs) > 0 {
+				p.hints.put(k, jobs[len(jobs)-1], true)
+			}
+			return jobs, err
+		}
+		cond, arg := hintCond(set, h, false)
+		jobs, err := read(prio, set, cond, arg, true, want)
+		if err != nil || len(jobs) == want {
+			if len(jobs) > 0 {
+				p.hints.put(k, jobs[len(jobs)-1], false)
+			}
+			return jobs, err
+		}
+		// Short: read below the hint too, so that the range is read whole.
+		cond, arg = hintCond(set, h, true)
+		under, err := read(prio, set, cond, arg, false, want-len(jobs))
+		if err != nil {
+			return jobs, err
+		}
+		jobs = append(under, jobs...)
+		if len(jobs) > 0 {
+			p.hints.put(k, jobs[len(jobs)-1], true)
+		}
+		return jobs, nil
 	})
 }

@@ -73,3 +73,17 @@ func (d *dialect) dueOrder(a string, set dueSet) string {
 	}
 	return a + ".scheduled, " + a + ".id"
 }
+
+// claimHints reports whether claims start their reads at the process's
+// claim hints (claim_hint.go): on InnoDB, whose finished jobs' index
+// entries stay at the head of the pending range until purge removes them.
+func (d *dialect) claimHints() bool { return d.kind == kindMySQL }
+
+// pendingIndexHint names async_job_pending for a claim's read above a
+// claim hint (selectClaimable says why) on MySQL and MariaDB.
+func (d *dialect) pendingIndexHint() string {
+	if d.kind == kindMySQL {
+		return " FORCE INDEX (async_job_pending)"
+	}
+	return ""
+}

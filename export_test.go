@@ -2,6 +2,7 @@ package async
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"time"
 
@@ -59,8 +60,8 @@ func ClaimStatementsForTest(db *gorm.DB, limit int, queues ...string) ([]string,
 		due = []any{now}
 	}
 	conds, cargs := p.claimConds(f, now)
-	qs := []string{p.priorityProbe(false), p.priorityProbe(true)}
-	args := [][]any{due, append(due, 5)}
+	qs := []string{p.priorityProbe(""), p.priorityProbe("<"), p.priorityProbe(">")}
+	args := [][]any{due, append(due, 5), append(due, 5)}
 	for _, set := range []dueSet{dueScheduled, dueUnscheduled} {
 		qs = append(qs, p.claimHalf("j.id", "?", set, conds, "?"))
 		args = append(args, append(append([]any{5}, halfArgs(set, now, cargs)...), limit))
@@ -102,4 +103,68 @@ func SetClaimReadHook(f func()) (restore func()) {
 	old := claimReadHook
 	claimReadHook = f
 	return func() { claimReadHook = old }
+}
+
+// SetHintSpan sets how long db's claim hints may keep claims from reading
+// below them (negative: hints are not used) and returns the undo.
+func SetHintSpan(db *gorm.DB, d time.Duration) (restore func()) {
+	p, err := pluginOf(db)
+	if err != nil {
+		panic(err)
+	}
+	p.hints.mu.Lock()
+	defer p.hints.mu.Unlock()
+	old := p.hints.span
+	p.hints.span = d
+	return func() {
+		p.hints.mu.Lock()
+		defer p.hints.mu.Unlock()
+		p.hints.span = old
+	}
+}
+
+// ForgetClaimHints drops db's claim hints.
+func ForgetClaimHints(db *gorm.DB) {
+	p, err := pluginOf(db)
+	if err != nil {
+		panic(err)
+	}
+	p.hints.mu.Lock()
+	defer p.hints.mu.Unlock()
+	p.hints.m, p.hints.tops = nil, nil
+}
+
+// ClaimReadsForTest runs the reads of a claim of up to limit jobs of the
+// given queues in a transaction it rolls back, and returns each statement
+// with its arguments written in (MySQL and MariaDB).
+func ClaimReadsForTest(db *gorm.DB, limit int, queues ...string) ([]string, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return nil, err
+	}
+	if p.dialect.kind != kindMySQL {
+		return nil, fmt.Errorf("async: ClaimReadsForTest is for MySQL")
+	}
+	m := &mariaTxns{loc: time.UTC}
+	var stmts []string
+	errDone := fmt.Errorf("done")
+	err = p.session(context.Background()).Transaction(func(tx *gorm.DB) error {
+		query := p.hotQueryOn(tx)
+		_, err := p.selectClaimable(func(q string, args ...any) (*sql.Rows, error) {
+			s, err := m.inline(q, args)
+			if err != nil {
+				return nil, err
+			}
+			stmts = append(stmts, s)
+			return query(q, args...)
+		}, &claimFilter{queues: queues, limit: limit, lease: time.Minute}, p.now())
+		if err != nil {
+			return err
+		}
+		return errDone
+	}, p.dialect.claimTxOptions())
+	if err != errDone {
+		return nil, err
+	}
+	return stmts, nil
 }

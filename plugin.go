@@ -49,6 +49,7 @@ type Plugin struct {
 	stmts   stmtCache
 	dialect *dialect
 	wakers  notifier
+	hints   claimHints // where claims' reads start (claim_hint.go)
 	// writeMu serialises this process's writing transactions on SQLite,
 	// which has a single database-wide writer.
 	writeMu sync.Mutex
