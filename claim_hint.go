@@ -18,17 +18,21 @@ import (
 // before it reaches a live job, so a claim's cost grew with the purge lag
 // rather than with the jobs it takes.
 //
-// So the process remembers, for each filter, priority and half, the first
+// So the process remembers, for each filter, priority and half, the last
 // job its last claim there took (its id, or for the scheduled half its
-// scheduled time), and the next read starts there. Whatever lies below the
-// hint is read only when the hinted read comes up short (so a claim that
-// finds nothing has still read the whole range: FlushQueue still runs every
-// due job), and in full at least once per hintSpan. A job below the hint
-// that becomes claimable while the queue above it stays full (a late commit
-// of an earlier-numbered job, a job released by a stopping worker, a lease
-// that expired) therefore waits up to hintSpan longer behind later jobs of
-// its priority: run order across workers was never strict, and a second
-// bounds the delay.
+// scheduled time), and the next read starts after it; and, for each filter,
+// the highest priority its last claim found pending, so that the next probe
+// for the top priority looks only above it. Whatever lies below the hint is
+// read only when the hinted read comes up short (so a claim that finds
+// nothing has still read the whole range: FlushQueue still runs every due
+// job), and in full at least once per hintSpan. A job below the hint that
+// becomes claimable while the queue above it stays full (a late commit of an
+// earlier-numbered job, a job released by a stopping worker, a lease that
+// expired) therefore waits up to hintSpan longer behind later jobs of its
+// priority: run order across workers was never strict, and a second bounds
+// the delay. Postgres marks an index entry dead once no snapshot needs it
+// and claims then skip it cheaply, and SQLite removes entries at once: they
+// read from the head of the range every time.
 
 // hintSpan is how long a hint may keep a claim from reading below it.
 const hintSpan = time.Second

@@ -145,6 +145,8 @@ func (p *Plugin) claimIDs(f *claimFilter, now time.Time) (string, []any) {
 // priorities itself, from the highest down, one probe (priorityProbe) each,
 // and calls take for each half of a priority's due jobs with the number of
 // jobs still wanted, until it has f.limit jobs or no priority is left.
+// hint, if not "", names the filter whose top-priority hint the walk starts
+// from and keeps (claim_hint.go).
 //
 // MySQL and MariaDB cannot serve claimIDs from an index (their range
 // optimizer takes no priority from a subquery, and a recursive CTE there
