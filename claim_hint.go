@@ -1,8 +1,7 @@
 package async
 
 import (
-	"strconv"
-	"strings"
+	"fmt"
 	"sync"
 	"time"
 )
@@ -128,11 +127,7 @@ func (h *claimHints) put(k hintKey, first *Job, full bool) {
 // one filter is not used by another (a queue's jobs below another queue's
 // hint would otherwise wait for the full read).
 func (f *claimFilter) hintName() string {
-	var b strings.Builder
-	b.WriteString(strings.Join(f.queues, "\x00"))
-	b.WriteString("\x01" + f.prefix + "\x01")
-	b.WriteString(strconv.Itoa(f.which) + "/" + strconv.Itoa(f.outOf))
-	return b.String()
+	return fmt.Sprintf("%q %q %d/%d", f.queues, f.prefix, f.which, f.outOf)
 }
 
 // hintCond is the condition of a read above (or, with below, under) hint c
