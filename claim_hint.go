@@ -46,7 +46,7 @@ type hintKey struct {
 	set    dueSet
 }
 
-// claimHint is where the last read of a range found its first job.
+// claimHint is the last job the last read of a range took.
 type claimHint struct {
 	id        int64     // dueUnscheduled
 	scheduled time.Time // dueScheduled
@@ -104,15 +104,15 @@ func (h *claimHints) get(k hintKey) (claimHint, bool) {
 	return c, true
 }
 
-// put records where a read of k found its first job; full says whether the
-// read covered the whole range (otherwise the previous full time stays).
-func (h *claimHints) put(k hintKey, first *Job, full bool) {
+// put records the last job a read of k took; full says whether the read
+// covered the whole range (otherwise the previous full time stays).
+func (h *claimHints) put(k hintKey, last *Job, full bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	old, had := h.m[k]
-	c := claimHint{id: first.ID, full: old.full}
-	if first.Scheduled != nil {
-		c.scheduled = *first.Scheduled
+	c := claimHint{id: last.ID, full: old.full}
+	if last.Scheduled != nil {
+		c.scheduled = *last.Scheduled
 	}
 	if full || !had {
 		c.full = time.Now()
