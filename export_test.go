@@ -42,8 +42,8 @@ func ClaimForTest(db *gorm.DB, owner string, limit int, queues ...string) ([]*Jo
 // ClaimStatementsForTest are the statements of a claim of limit jobs of the
 // given queues, with their arguments, as of the plugin's current time: on
 // Postgres its one SELECT of job ids; elsewhere the probes for the highest
-// priority and the one below 5, and the reads of priority 5's due scheduled
-// and unscheduled jobs.
+// priority and the ones below and above 5, and the reads of priority 5's
+// due scheduled and unscheduled jobs.
 func ClaimStatementsForTest(db *gorm.DB, limit int, queues ...string) ([]string, [][]any, error) {
 	p, err := pluginOf(db)
 	if err != nil {
@@ -136,7 +136,8 @@ func ForgetClaimHints(db *gorm.DB) {
 
 // ClaimReadsForTest runs the reads of a claim of up to limit jobs of the
 // given queues in a transaction it rolls back, and returns each statement
-// with its arguments written in (MySQL and MariaDB).
+// with its arguments written in, times in UTC as the tests' DSN has them
+// (MySQL and MariaDB).
 func ClaimReadsForTest(db *gorm.DB, limit int, queues ...string) ([]string, error) {
 	p, err := pluginOf(db)
 	if err != nil {
