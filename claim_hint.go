@@ -123,6 +123,16 @@ func (h *claimHints) put(k hintKey, last *Job, full bool) {
 	h.m[k] = c
 }
 
+// after records, for a read of k that ended with err, the last of the jobs
+// it took (full: the read covered the whole range), and returns err. A
+// failed read records nothing: its claim rolls back.
+func (h *claimHints) after(k hintKey, jobs []*Job, full bool, err error) error {
+	if err == nil && len(jobs) > 0 {
+		h.put(k, jobs[len(jobs)-1], full)
+	}
+	return err
+}
+
 // hintName identifies the jobs a filter selects, so that a hint found by
 // one filter is not used by another (a queue's jobs below another queue's
 // hint would otherwise wait for the full read).

@@ -21,15 +21,6 @@ func purgeNoop(context.Context, *gorm.DB, string) error { return nil }
 
 func init() { async.MustRegister(purgeNoop) }
 
-// claimedIDs returns the ids of jobs, in the order given.
-func claimedIDs(jobs []*async.Job) []int64 {
-	ids := make([]int64, len(jobs))
-	for i, j := range jobs {
-		ids[i] = j.ID
-	}
-	return ids
-}
-
 // giveBack returns a claimed job to the queue, as a stopping worker does
 // with the jobs it had not started.
 func giveBack(t *testing.T, db *gorm.DB, id int64) {
@@ -60,7 +51,7 @@ func TestClaimHintsKeepEveryJobReachable(t *testing.T) {
 			t.Helper()
 			got, err := async.ClaimForTest(d.DB, "w", limit)
 			require.NoError(t, err)
-			return claimedIDs(got)
+			return jobIDs(got)
 		}
 		require.Equal(t, []int64{id(1), id(2), id(3), id(4)}, claim(4))
 

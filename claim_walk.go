@@ -190,7 +190,11 @@ func (p *Plugin) walkClaim(query hotQuery, f *claimFilter, now time.Time, hint s
 	var prio int
 	var hasDue, ok, hinted bool
 	var err error
-	if top, found := p.hints.top(hint); hint != "" && found {
+	top, found := 0, false
+	if hint != "" {
+		top, found = p.hints.top(hint)
+	}
+	if found {
 		prio, hasDue, ok, err = probe(">", top)
 		if err == nil && !ok {
 			prio, hasDue, ok, hinted = top, true, true, true
@@ -268,29 +272,17 @@ func (p *Plugin) selectClaimable(query hotQuery, f *claimFilter, now time.Time) 
 		h, ok := p.hints.get(k)
 		if !ok {
 			jobs, err := read(prio, set, "", nil, false, want)
-			if err == nil && len(jobs) > 0 {
-				p.hints.put(k, jobs[len(jobs)-1], true)
-			}
-			return jobs, err
+			return jobs, p.hints.after(k, jobs, true, err)
 		}
 		cond, arg := hintCond(set, h, false)
 		jobs, err := read(prio, set, cond, arg, true, want)
 		if err != nil || len(jobs) == want {
-			if len(jobs) > 0 {
-				p.hints.put(k, jobs[len(jobs)-1], false)
-			}
-			return jobs, err
+			return jobs, p.hints.after(k, jobs, false, err)
 		}
 		// Short: read below the hint too, so that the range is read whole.
 		cond, arg = hintCond(set, h, true)
 		under, err := read(prio, set, cond, arg, false, want-len(jobs))
-		if err != nil {
-			return jobs, err
-		}
 		jobs = append(under, jobs...)
-		if len(jobs) > 0 {
-			p.hints.put(k, jobs[len(jobs)-1], true)
-		}
-		return jobs, nil
+		return jobs, p.hints.after(k, jobs, true, err)
 	})
 }

@@ -40,11 +40,7 @@ func prefetchQueue(t *testing.T, db *gorm.DB, shorts, followers int) (blocker *a
 
 // claimedAhead counts the jobs of after that a claim holds.
 func claimedAhead(t *testing.T, db *gorm.DB, after []*async.Job) int64 {
-	ids := make([]int64, len(after))
-	for i, j := range after {
-		ids[i] = j.ID
-	}
-	return count(t, db, "async_job", "id IN ? AND attempts = 1 AND locked_by <> ''", ids)
+	return count(t, db, "async_job", "id IN ? AND attempts = 1 AND locked_by <> ''", jobIDs(after))
 }
 
 // A worker that stops gives back at once the jobs it claimed ahead, their
