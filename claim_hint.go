@@ -26,10 +26,12 @@ import (
 // nothing has still read the whole range: FlushQueue still runs every due
 // job), and in full at least once per hintSpan. A job below the hint that
 // becomes claimable while the queue above it stays full (a late commit of an
-// earlier-numbered job, a job released by a stopping worker, a lease that
-// expired) therefore waits up to hintSpan longer behind later jobs of its
-// priority: run order across workers was never strict, and a second bounds
-// the delay. Postgres marks an index entry dead once no snapshot needs it
+// earlier-numbered job, a job given back by a worker of another process, a
+// lease that expired) therefore waits up to hintSpan longer behind later
+// jobs of its priority: run order across workers was never strict, and a
+// second bounds the delay. A process that gives jobs back itself (a stopping
+// worker, a cancelled FlushQueue, jobs claimed ahead that found no slot)
+// forgets its hints, so that its next claim takes them first. Postgres marks an index entry dead once no snapshot needs it
 // and claims then skip it cheaply, and SQLite removes entries at once: they
 // read from the head of the range every time.
 
@@ -80,6 +82,15 @@ func (h *claimHints) setTop(filter string, prio int) {
 		h.tops = map[string]int{}
 	}
 	h.tops[filter] = prio
+}
+
+// forget drops every hint, so that the next claim of each filter reads its
+// ranges from the head. A process that gives jobs back calls it: the jobs
+// may lie below its hints, and it should run them first, in run order.
+func (h *claimHints) forget() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.m, h.tops = nil, nil
 }
 
 // dropTop forgets filter's top priority.

@@ -129,9 +129,7 @@ func ForgetClaimHints(db *gorm.DB) {
 	if err != nil {
 		panic(err)
 	}
-	p.hints.mu.Lock()
-	defer p.hints.mu.Unlock()
-	p.hints.m, p.hints.tops = nil, nil
+	p.hints.forget()
 }
 
 // ClaimReadsForTest runs the reads of a claim of up to limit jobs of the

@@ -181,3 +181,41 @@ func TestFlushQueuePartitionBusy(t *testing.T) {
 		assert.NoError(t, err)
 	})
 }
+
+// cancelOnWrite cancels a context at its first write: FlushOptions.Out is
+// written between a job's claim and its run.
+type cancelOnWrite struct{ cancel context.CancelFunc }
+
+func (c cancelOnWrite) Write(b []byte) (int, error) {
+	c.cancel()
+	return len(b), nil
+}
+
+// A FlushQueue whose context ends after a claim gives the claimed job back
+// at once, unrun and its attempt uncounted, instead of leaving it leased to
+// no one until the lease expires.
+func TestFlushQueueCancelledAfterClaimGivesJobBack(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		first := mustSchedule(t, d.DB, parityRecord, async.Args(log, "first"))
+		mustSchedule(t, d.DB, parityRecord, async.Args(log, "second"))
+
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		n, err := async.FlushQueue(d.DB.WithContext(ctx), async.FlushOptions{Out: cancelOnWrite{cancel}})
+		require.ErrorIs(t, err, context.Canceled)
+		assert.Zero(t, n)
+		assert.Empty(t, logged(log), "no task ran")
+
+		j := jobState(t, d, first.ID)
+		assert.Nil(t, j.Executed)
+		assert.Nil(t, j.Started)
+		assert.Nil(t, j.LockedUntil, "the lease is cleared, not left to expire")
+		assert.Empty(t, j.LockedBy)
+		assert.Zero(t, j.Attempts, "the attempt is uncounted")
+
+		// Both run at once in the next flush: nothing waits for a lease.
+		assert.Equal(t, 2, flush(t, d, async.FlushOptions{}))
+		assert.Equal(t, []string{"first", "second"}, logged(log))
+	})
+}

@@ -38,5 +38,6 @@ func (p *Plugin) release(ctx context.Context, job *Job) {
 		return
 	}
 	job.Started = nil
+	p.hints.forget() // the job may lie below them: the next claim reads from the head
 	p.wakers.broadcast()
 }
