@@ -31,9 +31,10 @@ import (
 // jobs of its priority: run order across workers was never strict, and a
 // second bounds the delay. A process that gives jobs back itself (a stopping
 // worker, a cancelled FlushQueue, jobs claimed ahead that found no slot)
-// forgets its hints, so that its next claim takes them first. Postgres marks an index entry dead once no snapshot needs it
-// and claims then skip it cheaply, and SQLite removes entries at once: they
-// read from the head of the range every time.
+// forgets its hints, so that its next claim takes them first. Postgres marks
+// an index entry dead once no snapshot needs it and claims then skip it
+// cheaply, and SQLite removes entries at once: they read from the head of
+// the range every time.
 
 // hintSpan is how long a hint may keep a claim from reading below it.
 const hintSpan = time.Second

@@ -27,9 +27,9 @@ func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
 	}
 }
 
-// release clears a job's lease and uncounts its attempt. Idle workers of
-// this process are woken, so that one of them takes the job at once instead
-// of at its next poll.
+// release clears a job's lease and uncounts its attempt. The process's
+// claim hints are dropped and its idle workers woken, so that one of them
+// takes the job at once, in run order, instead of at its next poll.
 func (p *Plugin) release(ctx context.Context, job *Job) {
 	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
 		job.ID, job.LockedBy, job.Attempts).Error
