@@ -46,6 +46,22 @@ const pendingSQL = "%[1]s.executed IS NULL AND %[1]s.cancelled IS NULL AND %[1]s
 
 func pending(alias string) string { return fmt.Sprintf(pendingSQL, alias) }
 
+// claimTimeout bounds a claim that its caller's context does not cancel
+// (claimUncancelled).
+const claimTimeout = 30 * time.Second
+
+// claimUncancelled is claim with ctx's values but not its cancellation,
+// bounded by claimTimeout instead: a claim is sent in one piece, and a
+// server that has read it commits it even if this side stopped waiting,
+// which would lease its jobs to a caller gone until the lease expires.
+// Callers give back at once what they claimed after ctx ended (Worker.Run,
+// FlushQueue).
+func (p *Plugin) claimUncancelled(ctx context.Context, f *claimFilter) ([]*Job, error) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), claimTimeout)
+	defer cancel()
+	return p.claim(cctx, f)
+}
+
 // claim takes up to f.limit runnable jobs for f.owner, in run order. Jobs
 // whose attempts ran out without a recorded result (their workers died) end
 // failed here instead.

@@ -75,13 +75,9 @@ func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return ran, err
 		}
-		// Not cancelled by ctx (see Worker.Run): a claim sent in one piece
-		// may commit on the server after this side stopped waiting, which
-		// would lease its job to no one for DefaultLease. A claimed job
-		// goes back at once if ctx has ended meanwhile (runJobs).
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), claimTimeout)
-		jobs, err := p.claim(cctx, f)
-		cancel()
+		// A claimed job goes back at once if ctx has ended meanwhile
+		// (runJobs).
+		jobs, err := p.claimUncancelled(ctx, f)
 		if err != nil {
 			return ran, err
 		}

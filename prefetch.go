@@ -25,9 +25,6 @@ func readyLimit(prefetch, concurrency int, perJob time.Duration) int {
 	return min(prefetch, max(1, int(time.Duration(concurrency)*prefetchSpan/perJob)))
 }
 
-// claimTimeout bounds a worker's claim, which its shutdown does not cancel.
-const claimTimeout = 30 * time.Second
-
 // batchDone reports a slot's batch: its jobs and how long they took.
 type batchDone struct {
 	jobs int

@@ -288,13 +288,8 @@ func (w *Worker) Run(ctx context.Context) error {
 		}
 		if more && limit+pf > 0 && ready.Load() <= int64(pf/2) {
 			f.limit = claimSize(limit+pf, o.BatchSize)
-			// Not cancelled by ctx: a claim is sent in one piece, and a
-			// server that has read it commits it even if this side stopped
-			// waiting, which would lease its jobs to a worker gone until the
-			// lease expires. Once claimed, jobs go back at once on shutdown.
-			cctx, cancelClaim := context.WithTimeout(context.WithoutCancel(ctx), claimTimeout)
-			claimed, err := p.claim(cctx, f)
-			cancelClaim()
+			// Once claimed, jobs go back at once on shutdown.
+			claimed, err := p.claimUncancelled(ctx, f)
 			if err != nil {
 				if ctx.Err() != nil {
 					break
