@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 )
 
 // Groups collect jobs under a reference. Several generations may share a
@@ -22,33 +23,75 @@ func InGroup(reference string) Option {
 }
 
 // joinGroup returns the id of the group a new job with this reference joins.
+//
+// Two transactions that find no open group under the reference at the same
+// time both try to start the same generation. The unique index on
+// (reference, generation) makes the later insert wait for the earlier
+// transaction; if that commits, the insert finds the generation taken and
+// does nothing, and the job joins the group the other transaction created
+// (read with a lock, which sees it even from a snapshot taken before it was
+// committed, as under MySQL's REPEATABLE READ). If that group is already
+// done, the next generation is tried.
 func (p *Plugin) joinGroup(db *gorm.DB, reference string) (*int64, error) {
 	var g Group
 	err := db.Where("reference = ?", reference).Order("created DESC, id DESC").Limit(1).Find(&g).Error
 	if err != nil {
 		return nil, fmt.Errorf("async: finding group %q: %w", reference, err)
 	}
-	if g.ID != 0 {
-		var counts struct{ Total, Pending int64 }
-		err := db.Raw("SELECT COUNT(*) AS total, COALESCE(SUM(CASE WHEN "+pending(jobTable)+" THEN 1 ELSE 0 END), 0) AS pending FROM "+jobTable+" WHERE group_id = ?", g.ID).
-			Scan(&counts).Error
+	var last int64 // the reference's highest generation
+	if err := db.Model(&Group{}).Select("COALESCE(MAX(generation), 0)").Where("reference = ?", reference).Scan(&last).Error; err != nil {
+		return nil, fmt.Errorf("async: finding group %q: %w", reference, err)
+	}
+	for {
+		if g.ID != 0 {
+			switch open, err := groupOpen(db, &g); {
+			case err != nil:
+				return nil, err
+			case open:
+				return &g.ID, nil
+			}
+		}
+		if g.Generation != nil && *g.Generation > last {
+			last = *g.Generation
+		}
+		gen := last + 1
+		next := Group{Reference: reference, Description: g.Description, Created: p.now(), Generation: &gen}
+		if err := db.Clauses(clause.OnConflict{DoNothing: true}).Create(&next).Error; err != nil {
+			return nil, fmt.Errorf("async: creating group %q: %w", reference, err)
+		}
+		// The generation's row: this one, or one another transaction
+		// committed first (then the insert did nothing). Read back rather
+		// than trusted from the insert's result, which differs by database
+		// (MariaDB's RETURNING gives the other row's id, MySQL may count a
+		// duplicate as a row found). The loop goes on only if the other
+		// transaction's group is done already, one generation higher each
+		// time.
+		g = Group{}
+		err := db.Clauses(clause.Locking{Strength: clause.LockingStrengthUpdate}).
+			Where("reference = ? AND generation = ?", reference, gen).Take(&g).Error
 		if err != nil {
-			return nil, fmt.Errorf("async: reading group %q: %w", reference, err)
+			return nil, fmt.Errorf("async: reading group %q generation %d: %w", reference, gen, err)
 		}
-		switch {
-		case counts.Total == 0 || counts.Pending == counts.Total:
-			return &g.ID, nil // open: no job has finished yet
-		case counts.Pending > 0:
-			return nil, errorf(ErrGroupHasExecutedJobs, "cannot add a job to group %q (id %d): %d of its %d jobs are already done",
-				reference, g.ID, counts.Total-counts.Pending, counts.Total)
-		}
-		// Completed: start the next generation below.
 	}
-	next := Group{Reference: reference, Description: g.Description, Created: p.now()}
-	if err := db.Create(&next).Error; err != nil {
-		return nil, fmt.Errorf("async: creating group %q: %w", reference, err)
+}
+
+// groupOpen reports whether jobs may still join g: none of its jobs is done
+// yet. A group some but not all of whose jobs are done refuses new ones
+// (ErrGroupHasExecutedJobs); a group all of whose jobs are done is closed.
+func groupOpen(db *gorm.DB, g *Group) (bool, error) {
+	var counts struct{ Total, Pending int64 }
+	err := db.Raw("SELECT COUNT(*) AS total, COALESCE(SUM(CASE WHEN "+pending(jobTable)+" THEN 1 ELSE 0 END), 0) AS pending FROM "+jobTable+" WHERE group_id = ?", g.ID).
+		Scan(&counts).Error
+	switch {
+	case err != nil:
+		return false, fmt.Errorf("async: reading group %q: %w", g.Reference, err)
+	case counts.Total == 0 || counts.Pending == counts.Total:
+		return true, nil
+	case counts.Pending > 0:
+		return false, errorf(ErrGroupHasExecutedJobs, "cannot add a job to group %q (id %d): %d of its %d jobs are already done",
+			g.Reference, g.ID, counts.Total-counts.Pending, counts.Total)
 	}
-	return &next.ID, nil
+	return false, nil
 }
 
 // OnCompletion schedules the final job of the current group with this

@@ -106,10 +106,15 @@ func (JobError) TableName() string { return errorTable }
 // Group collects jobs under a reference; its Final job runs after all others.
 type Group struct {
 	ID          int64     `gorm:"primaryKey;autoIncrement" json:"id"`
-	Reference   string    `gorm:"size:191;not null;index:async_group_reference" json:"reference"`
+	Reference   string    `gorm:"size:191;not null;index:async_group_reference;uniqueIndex:async_group_generation,priority:1" json:"reference"`
 	Description *string   `gorm:"type:text" json:"description"`
 	Created     time.Time `gorm:"precision:6;not null" json:"created"`
 	FinalID     *int64    `gorm:"index:async_group_final" json:"final_id"`
+	// Generation numbers the groups the library creates under a reference
+	// (1, 2, ...), unique per reference, so that two transactions that
+	// start the same generation at once end up in one group. Groups an
+	// application creates itself may leave it nil.
+	Generation *int64 `gorm:"uniqueIndex:async_group_generation,priority:2" json:"generation"`
 }
 
 // AfterFind presents the group's time in UTC.

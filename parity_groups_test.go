@@ -6,6 +6,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
 
 	"github.com/gormasync/async"
 )
@@ -49,6 +50,9 @@ func TestGroupGenerations(t *testing.T) {
 		require.NotNil(t, next.Description)
 		assert.Equal(t, desc, *next.Description, "the description is carried over")
 		assert.True(t, next.Created.After(first.Created))
+		assert.Nil(t, first.Generation, "a group the application creates has no generation")
+		require.NotNil(t, next.Generation)
+		assert.EqualValues(t, 1, *next.Generation, "the first generation the library starts")
 		j4 := mustSchedule(t, d.DB, parityRecord, async.Args(log, "4"), async.InGroup("import"))
 		assert.Equal(t, next.ID, *j4.GroupID, "the new generation is reused while pending")
 		assert.EqualValues(t, 2, count(t, d.DB, "async_group", "reference = ?", "import"))
@@ -71,6 +75,78 @@ func TestGroupGenerations(t *testing.T) {
 		_, err = async.Schedule(d.DB, parityRecord, async.Args(log, "x"), async.InGroup(""))
 		assert.ErrorIs(t, err, async.ErrBadOption)
 	})
+}
+
+// Two transactions that start the same generation of a group at once (the
+// reference's first, or the one after a completed group) end up in one
+// group: the later waits for the earlier's new group row and joins that
+// group once the earlier commits.
+func TestConcurrentSchedulingSharesNewGroup(t *testing.T) {
+	eachServerDB(t, "SQLite's one writer keeps the second transaction from writing until the first ends", func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		done := mustSchedule(t, d.DB, parityRecord, async.Args(log, "old"), async.InGroup("again"))
+		require.NoError(t, done.Execute(d.DB))
+		for _, ref := range []string{"new", "again"} {
+			t.Run(ref, func(t *testing.T) {
+				first := d.DB.Begin()
+				require.NoError(t, first.Error)
+				defer first.Rollback()
+				j1 := mustSchedule(t, first, parityRecord, async.Args(log, ref+"1"), async.InGroup(ref))
+
+				type result struct {
+					job *async.Job
+					err error
+				}
+				second := make(chan result, 1)
+				go func() {
+					var r result
+					r.err = d.DB.Transaction(func(tx *gorm.DB) error {
+						r.job, r.err = async.Schedule(tx, parityRecord, async.Args(log, ref+"2"), async.InGroup(ref))
+						return r.err
+					})
+					second <- r
+				}()
+				// The second waits for the first (or, wrongly, finishes
+				// with a group of its own while the first is still open).
+				var r result
+				got := false
+				tick := time.NewTicker(5 * time.Millisecond)
+				defer tick.Stop()
+				for waiting := false; !waiting && !got; {
+					select {
+					case r = <-second:
+						got = true
+					case <-tick.C:
+						waiting = lockWaits(t, d) > 0
+					}
+				}
+				require.NoError(t, first.Commit().Error)
+				if !got {
+					r = <-second
+				}
+				require.NoError(t, r.err)
+				assert.Equal(t, *j1.GroupID, *r.job.GroupID, "both jobs join one group")
+				assert.EqualValues(t, 2, count(t, d.DB, "async_job", "group_id = ?", *j1.GroupID))
+			})
+		}
+		assert.EqualValues(t, 1, count(t, d.DB, "async_group", "reference = ?", "new"))
+		assert.EqualValues(t, 2, count(t, d.DB, "async_group", "reference = ?", "again"), "the completed generation and one new one")
+	})
+}
+
+// lockWaits counts the sessions waiting for a row lock: on Postgres in d's
+// database, on MySQL in statements on the group table.
+func lockWaits(t testing.TB, d *testDB) int64 {
+	t.Helper()
+	q := map[string]string{
+		"postgres": "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+		// innodb_trx names no database (and its thread ids did not always
+		// match the process list's on MariaDB 10.11): the statement tells.
+		"mysql": "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE '%async_group%'",
+	}[d.Kind]
+	var n int64
+	require.NoError(t, d.DB.Raw(q).Scan(&n).Error)
+	return n
 }
 
 // Point 2: the final job runs after every other job of its group, even when
@@ -143,4 +219,41 @@ func TestOnCompletionAloneRuns(t *testing.T) {
 		next := mustSchedule(t, d.DB, parityRecord, async.Args(log, "next"), async.InGroup("solo"))
 		assert.NotEqual(t, *final.GroupID, *next.GroupID)
 	})
+}
+
+// oldGroup is the group table as it was before groups had generations.
+type oldGroup struct {
+	ID          int64     `gorm:"primaryKey;autoIncrement"`
+	Reference   string    `gorm:"size:191;not null;index:async_group_reference"`
+	Description *string   `gorm:"type:text"`
+	Created     time.Time `gorm:"precision:6;not null"`
+	FinalID     *int64    `gorm:"index:async_group_final"`
+}
+
+func (oldGroup) TableName() string { return "async_group" }
+
+// A group table from before generations migrates: its groups, several under
+// one reference, keep no generation, and scheduling goes on from them.
+func TestGroupTableWithoutGenerationsMigrates(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			d := &testDB{Kind: kind, DSN: createDatabase(t, kind), Clock: &testClock{}}
+			d.DB = openDB(t, kind, d.DSN, d.Clock)
+			require.NoError(t, d.DB.AutoMigrate(&oldGroup{}))
+			now := time.Now().UTC()
+			require.NoError(t, d.DB.Create(&[]oldGroup{{Reference: "r", Created: now.Add(-time.Hour)}, {Reference: "r", Created: now}}).Error)
+			require.NoError(t, d.DB.Use(&async.Plugin{Logger: testLogger()}))
+			assert.True(t, d.DB.Migrator().HasIndex(&async.Group{}, "async_group_generation"))
+
+			log := freshLog(t)
+			j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "1"), async.InGroup("r"))
+			assert.Equal(t, "r", groupOf(t, d, *j.GroupID).Reference)
+			assert.Nil(t, groupOf(t, d, *j.GroupID).Generation, "the newest old group, still empty, is reused")
+			require.NoError(t, j.Execute(d.DB))
+			k := mustSchedule(t, d.DB, parityRecord, async.Args(log, "2"), async.InGroup("r"))
+			require.NotNil(t, groupOf(t, d, *k.GroupID).Generation)
+			assert.EqualValues(t, 1, *groupOf(t, d, *k.GroupID).Generation)
+			assert.EqualValues(t, 3, count(t, d.DB, "async_group", "reference = ?", "r"))
+		})
+	}
 }
