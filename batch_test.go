@@ -87,6 +87,36 @@ func TestGroupCommitIsolatesFailures(t *testing.T) {
 	})
 }
 
+// Group commit without failures: each batch completes in one statement and
+// commits once, so every task runs once and a batch's jobs share their
+// completion time. (Had the batch's completion failed, the jobs would have
+// gone through the careful path, running each task again.)
+func TestGroupCommitRunsEachTaskOnce(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		prefix := fmt.Sprintf("once-%s-%d-", d.Kind, time.Now().UnixNano())
+		const m = 32
+		var calls []async.Call
+		for i := 0; i < m; i++ {
+			calls = append(calls, async.Task(writeEffect, async.Args(fmt.Sprintf("%s%d", prefix, i), i)))
+		}
+		_, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 16, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+		waitFor(t, 60*time.Second, "every job to run", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == m
+		})
+		for i := 0; i < m; i++ {
+			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%s%d", prefix, i)))
+		}
+		var completions int64
+		require.NoError(t, d.DB.Raw("SELECT COUNT(DISTINCT executed) FROM async_job").Scan(&completions).Error)
+		assert.Less(t, completions, int64(m/2), "jobs completed in batches")
+		assert.EqualValues(t, m, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		assert.Zero(t, count(t, d.DB, "async_job", "locked_by <> '' OR started IS NULL OR result IS NULL"))
+	})
+}
+
 // Group commit: a slow job holds its batch's other jobs back only for the
 // window; they go back to the queue and another runner takes them.
 func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5/stdlib"
 	"gorm.io/gorm"
@@ -188,6 +189,19 @@ func (d *dialect) timeParam() string {
 		return "CAST(? AS TIMESTAMPTZ)"
 	}
 	return "?"
+}
+
+// completeAllSQL marks a group-commit batch executed, only where each claim
+// still holds (groupcommit.go). Through pgx the jobs' values travel as four
+// arrays joined to the table by id: one statement text for every batch
+// size, which Postgres plans once per connection, where the CASE form's
+// text changes with the batch size and took a plan of about 0.7 ms at each
+// execution, and ran in nearly twice the time for 64 jobs.
+func (d *dialect) completeAllSQL(jobs []*Job, starts []time.Time, results []string, done time.Time) (string, []any) {
+	if d.pipeline {
+		return completeAllArraysSQL(jobs, starts, results, done)
+	}
+	return completeAllCaseSQL(jobs, starts, results, done, d.timeParam())
 }
 
 // lazyCommitFrom, added to an UPDATE run on its own (autocommit), lets its

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
@@ -263,4 +264,25 @@ func pipeClaim(ctx context.Context, sqlDB *sql.DB, q string, args []any) ([]*Job
 		return nil, err
 	}
 	return jobs, nil
+}
+
+// pgArray is a slice bound as one array parameter: GORM spreads a plain
+// slice into a list of parameters, but leaves a driver.Valuer whole, and
+// pgx encodes the slice it returns as an array.
+type pgArray[T any] []T
+
+// Value returns the slice itself, for pgx.
+func (a pgArray[T]) Value() (driver.Value, error) { return []T(a), nil }
+
+// completeAllArraysSQL is completeAllSQL through pgx.
+func completeAllArraysSQL(jobs []*Job, starts []time.Time, results []string, done time.Time) (string, []any) {
+	const q = "UPDATE " + jobTable + " AS j SET executed = ?, locked_by = '', locked_until = NULL, started = v.started, result = v.result" +
+		" FROM unnest(CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS TIMESTAMPTZ[]), CAST(? AS TEXT[])) AS v (id, attempts, started, result)" +
+		" WHERE j.id = v.id AND j.attempts = v.attempts AND j.locked_by = ? AND COALESCE(j.executed, j.cancelled, j.failed) IS NULL"
+	ids := make(pgArray[int64], len(jobs))
+	attempts := make(pgArray[int64], len(jobs))
+	for i, j := range jobs {
+		ids[i], attempts[i] = j.ID, int64(j.Attempts)
+	}
+	return q, []any{done, ids, attempts, pgArray[time.Time](starts), pgArray[string](results), jobs[0].LockedBy}
 }

@@ -81,7 +81,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		return k
 	}
 	done := p.now()
-	q, args := completeAllSQL(batch, starts, results, done, p.dialect.timeParam())
+	q, args := p.dialect.completeAllSQL(batch, starts, results, done)
 	// Not sent with the COMMIT: the count must be checked first.
 	n, err := tx.exec(q, args...)
 	if err != nil || n != int64(len(batch)) {
@@ -101,9 +101,10 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	return k
 }
 
-// completeAllSQL marks jobs executed in one statement, each with its own
-// start time and result, only where each claim still holds.
-func completeAllSQL(jobs []*Job, starts []time.Time, results []string, done time.Time, timeParam string) (string, []any) {
+// completeAllCaseSQL marks jobs executed in one statement, each with its own
+// start time and result (one CASE over the ids per column), only where each
+// claim still holds.
+func completeAllCaseSQL(jobs []*Job, starts []time.Time, results []string, done time.Time, timeParam string) (string, []any) {
 	var b strings.Builder
 	args := make([]any, 0, 7*len(jobs)+3)
 	b.WriteString("UPDATE " + jobTable + " SET executed = ?, locked_by = '', locked_until = NULL, started = CASE id")
