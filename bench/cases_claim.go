@@ -17,10 +17,14 @@ import (
 // tomorrow on top (at the same priority as the jobs run, the default one: a
 // claim must not read them). Rows are bulk-loaded; Postgres and MySQL then
 // get fresh planner statistics, as autovacuum / InnoDB would give them.
-// On Postgres the case's connections commit with synchronous_commit off:
-// each job's commit otherwise waits for a WAL flush, whose latency on this
-// kind of machine swings by 2x within minutes whatever the table's size,
-// and the rows' ratios followed it (0.84x-2.11x in seven runs).
+//
+// Each table size has a scratch database of its own, and the rounds of the
+// sizes alternate, so that a slow minute of this shared machine slows every
+// size alike: measured one size after the other, the Postgres rows' ratios
+// swung between 0.84x and 2.11x over seven runs. On Postgres the case's
+// connections also commit with synchronous_commit off: each job's commit
+// otherwise waits for a WAL flush, whose latency does not depend on the
+// table.
 
 const claimWarmJobs = 20
 
@@ -28,73 +32,124 @@ const claimWarmJobs = 20
 // the last claim-cost row.
 const claimFutureJobs = 100_000
 
+// claimRounds is how many rounds each size runs, alternating with the
+// others; the median counts.
+const claimRounds = 7
+
+// claimTable is one size's scratch database.
+type claimTable struct {
+	e     *env
+	db    *gorm.DB // the plugin's handle, FlushQueue's pool
+	raw   *sql.DB  // bulk loads
+	close func()
+	ms    []float64 // the rounds' milliseconds per job
+}
+
 func (d *dbRun) claimCases(ctx context.Context) error {
-	e, cfg, kind := d.e, d.cfg, d.e.kind
-	if err := e.reset(ctx); err != nil {
-		return err
-	}
-	if kind == "postgres" {
-		const set = "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I " // the scratch database, for connections opened from now on
-		if _, err := e.admin.ExecContext(ctx, set+"SET synchronous_commit = off', current_database()); END $$"); err != nil {
-			return err
+	cfg, kind := d.cfg, d.e.kind
+	var tables []*claimTable
+	defer func() {
+		for _, t := range tables {
+			t.close()
 		}
-		defer func() {
-			_, _ = e.admin.ExecContext(context.WithoutCancel(ctx), set+"RESET synchronous_commit', current_database()); END $$")
-		}()
-	}
-	var n atomicCounter
-	db, closeDB, err := e.openGorm(4, countingPlugin(&n.Int64, false))
-	if err != nil {
-		return err
-	}
-	defer closeDB()
-	raw, err := e.openRaw(2)
-	if err != nil {
-		return err
-	}
-	defer raw.Close()
-	var base *row
-	have := 0
-	for _, rows := range cfg.claimRows {
-		if rows > have {
-			if err := loadFinished(ctx, e, raw, rows-have); err != nil {
-				return err
-			}
-			have = rows
-		}
-		if err := e.analyze(ctx); err != nil {
-			return err
-		}
-		per, err := d.claimCost(ctx, db, raw)
+	}()
+	for i, rows := range cfg.claimRows {
+		t, err := d.openClaimTable(ctx, i)
 		if err != nil {
 			return err
 		}
-		name := fmt.Sprintf("claim+execute, %s finished rows", count(rows))
+		tables = append(tables, t)
+		if err := loadFinished(ctx, t.e, t.raw, rows); err != nil {
+			return err
+		}
+	}
+	if err := d.claimRoundsAlternating(ctx, "claim", tables); err != nil {
+		return err
+	}
+	note := fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue), alternating with the other sizes", claimRounds, cfg.claimJobs/claimRounds)
+	var base *row
+	for i, t := range tables {
 		var tgt *target
 		if base != nil {
 			tgt = ratioAtMost(1.5)
 		}
-		x := d.rep.add(kind, name, per, "ms/job", base, fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue)", claimRounds, cfg.claimJobs/claimRounds), tgt)
+		x := d.rep.add(kind, fmt.Sprintf("claim+execute, %s finished rows", count(cfg.claimRows[i])), median(t.ms), "ms/job", base, note, tgt)
 		if base == nil {
 			base = x
 		}
 	}
+	// The largest table gets the backlog for tomorrow and runs beside the
+	// smallest again.
+	small, big := tables[0], tables[len(tables)-1]
+	if big == small {
+		return nil
+	}
 	tomorrow := time.Now().Add(24 * time.Hour)
 	start := time.Now()
-	if err := e.bulkJobsAt(ctx, raw, taskNoop, 0, claimFutureJobs, false, &tomorrow); err != nil {
+	if err := big.e.bulkJobsAt(ctx, big.raw, taskNoop, 0, claimFutureJobs, false, &tomorrow); err != nil {
 		return err
 	}
 	progress("%s: loaded %s pending jobs scheduled for tomorrow in %s", kind, count(claimFutureJobs), time.Since(start).Round(time.Millisecond))
-	if err := e.analyze(ctx); err != nil {
+	if err := d.claimRoundsAlternating(ctx, "claim tomorrow", []*claimTable{small, big}); err != nil {
 		return err
 	}
-	per, err := d.claimCost(ctx, db, raw)
-	if err != nil {
-		return err
-	}
-	name := fmt.Sprintf("claim+execute, %s finished + %s pending for tomorrow", count(have), count(claimFutureJobs))
-	d.rep.add(kind, name, per, "ms/job", base, fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue)", claimRounds, cfg.claimJobs/claimRounds), ratioAtMost(1.5))
+	base = d.rep.add(kind, fmt.Sprintf("claim+execute, %s finished rows, beside the next row", count(cfg.claimRows[0])), median(small.ms), "ms/job", nil,
+		"median of rounds alternating with the next row's", nil)
+	d.rep.add(kind, fmt.Sprintf("claim+execute, %s finished + %s pending for tomorrow", count(cfg.claimRows[len(tables)-1]), count(claimFutureJobs)),
+		median(big.ms), "ms/job", base, note, ratioAtMost(1.5))
 	return nil
+}
+
+// openClaimTable opens the i-th size's scratch database (the run's own for
+// the first), empty, with the library installed.
+func (d *dbRun) openClaimTable(ctx context.Context, i int) (*claimTable, error) {
+	e, closeEnv := d.e, func() {}
+	if i > 0 {
+		c := *d.cfg
+		c.scratch = fmt.Sprintf("%s_claim%d", c.scratch, i)
+		var err error
+		if e, err = openEnv(ctx, &c, d.e.kind); err != nil {
+			return nil, err
+		}
+		closeEnv = func() { e.close(c.keep) }
+	}
+	t := &claimTable{e: e, close: closeEnv}
+	fail := func(err error) (*claimTable, error) {
+		t.close()
+		return nil, err
+	}
+	if err := e.reset(ctx); err != nil {
+		return fail(err)
+	}
+	if e.kind == "postgres" {
+		const set = "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I " // for connections opened from now on
+		if _, err := e.admin.ExecContext(ctx, set+"SET synchronous_commit = off', current_database()); END $$"); err != nil {
+			return fail(err)
+		}
+		prev := t.close
+		t.close = func() {
+			_, _ = e.admin.ExecContext(context.WithoutCancel(ctx), set+"RESET synchronous_commit', current_database()); END $$")
+			prev()
+		}
+	}
+	var n atomicCounter
+	db, closeDB, err := e.openGorm(4, countingPlugin(&n.Int64, false))
+	if err != nil {
+		return fail(err)
+	}
+	raw, err := e.openRaw(2)
+	if err != nil {
+		closeDB()
+		return fail(err)
+	}
+	t.db, t.raw = db.WithContext(ctx), raw
+	prev := t.close
+	t.close = func() {
+		_ = raw.Close()
+		closeDB()
+		prev()
+	}
+	return t, nil
 }
 
 // loadFinished bulk-loads n executed no-op jobs, reporting progress.
@@ -113,39 +168,49 @@ func loadFinished(ctx context.Context, e *env, raw *sql.DB, n int) error {
 	return nil
 }
 
-// claimRounds is how many times each claim cost is measured; the median counts.
-const claimRounds = 5
-
-// claimCost adds -claim-jobs pending no-op jobs and runs them one by one
-// through FlushQueue on the default queue (the worker's claim query), in
-// claimRounds rounds; it returns the median milliseconds per job.
-func (d *dbRun) claimCost(ctx context.Context, db *gorm.DB, raw *sql.DB) (float64, error) {
+// claimRoundsAlternating gives every table -claim-jobs pending no-op jobs,
+// analyzes it, then runs claimRounds rounds of its jobs one by one through
+// FlushQueue on the default queue (the worker's claim query), the tables'
+// rounds alternating; each table's ms holds its rounds' milliseconds per
+// job. label names the CPU profile of the rounds (-profile-cases).
+func (d *dbRun) claimRoundsAlternating(ctx context.Context, label string, tables []*claimTable) error {
 	per := d.cfg.claimJobs / claimRounds
-	if err := d.e.bulkJobs(ctx, raw, taskNoop, 0, claimWarmJobs+per*claimRounds, false); err != nil {
-		return 0, err
-	}
-	h := db.WithContext(ctx)
 	queues := []string{async.DefaultQueue}
-	if _, err := async.FlushQueue(h, async.FlushOptions{Jobs: claimWarmJobs, Queues: queues}); err != nil {
-		return 0, err
+	for _, t := range tables {
+		if err := t.e.bulkJobs(ctx, t.raw, taskNoop, 0, claimWarmJobs+per*claimRounds, false); err != nil {
+			return err
+		}
+		if err := t.e.analyze(ctx); err != nil {
+			return err
+		}
+		t.ms = nil
 	}
-	stop := d.profileCase(fmt.Sprintf("claim %d", d.cfg.claimJobs))
+	for _, t := range tables {
+		if _, err := async.FlushQueue(t.db, async.FlushOptions{Jobs: claimWarmJobs, Queues: queues}); err != nil {
+			return err
+		}
+	}
+	stop := d.profileCase(label)
 	defer stop()
-	var ms []float64
 	for i := 0; i < claimRounds; i++ {
-		start := time.Now()
-		ran, err := async.FlushQueue(h, async.FlushOptions{Jobs: per, Queues: queues})
-		elapsed := time.Since(start)
-		if err != nil {
-			return 0, err
+		for _, t := range tables {
+			start := time.Now()
+			ran, err := async.FlushQueue(t.db, async.FlushOptions{Jobs: per, Queues: queues})
+			elapsed := time.Since(start)
+			if err != nil {
+				return err
+			}
+			if ran != per {
+				return fmt.Errorf("FlushQueue ran %d of %d jobs", ran, per)
+			}
+			t.ms = append(t.ms, float64(elapsed)/float64(time.Millisecond)/float64(ran))
 		}
-		if ran != per {
-			return 0, fmt.Errorf("FlushQueue ran %d of %d jobs", ran, per)
-		}
-		ms = append(ms, float64(elapsed)/float64(time.Millisecond)/float64(ran))
 	}
-	return percentiles(ms, 0.5)[0], nil
+	return nil
 }
+
+// median of xs.
+func median(xs []float64) float64 { return percentiles(xs, 0.5)[0] }
 
 // count writes 10000 as 10k and 1000000 as 1M.
 func count(n int) string {
