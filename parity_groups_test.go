@@ -112,12 +112,15 @@ func TestConcurrentSchedulingSharesNewGroup(t *testing.T) {
 				got := false
 				tick := time.NewTicker(5 * time.Millisecond)
 				defer tick.Stop()
+				deadline := time.After(30 * time.Second)
 				for waiting := false; !waiting && !got; {
 					select {
 					case r = <-second:
 						got = true
 					case <-tick.C:
 						waiting = lockWaits(t, d) > 0
+					case <-deadline:
+						t.Fatal("the second transaction neither finished nor waited for a lock")
 					}
 				}
 				require.NoError(t, first.Commit().Error)
@@ -125,6 +128,7 @@ func TestConcurrentSchedulingSharesNewGroup(t *testing.T) {
 					r = <-second
 				}
 				require.NoError(t, r.err)
+				require.NotNil(t, r.job.GroupID)
 				assert.Equal(t, *j1.GroupID, *r.job.GroupID, "both jobs join one group")
 				assert.EqualValues(t, 2, count(t, d.DB, "async_job", "group_id = ?", *j1.GroupID))
 			})
