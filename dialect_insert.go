@@ -77,11 +77,12 @@ const (
 	insertValuesLastID
 )
 
-// insertMethod picks the bulk insert for this database; pgx tells whether
-// its driver is pgx's.
-func (d *dialect) insertMethod(pgx bool) insertMethod {
+// insertMethod picks the insert for rows new jobs on this database; pgx
+// tells whether its driver is pgx's. One row (Schedule) on Postgres is a
+// plain INSERT ... VALUES ... RETURNING: unnest's arrays gain nothing there.
+func (d *dialect) insertMethod(pgx bool, rows int) insertMethod {
 	switch {
-	case d.kind == kindPostgres && pgx:
+	case d.kind == kindPostgres && pgx && rows > 1:
 		return insertUnnest
 	case d.insertReturning():
 		return insertValuesReturning
@@ -95,7 +96,7 @@ func (d *dialect) insertMethod(pgx bool) insertMethod {
 // ScheduleMany runs it in one.
 func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
 	if m == 0 {
-		m = p.dialect.insertMethod(p.pgxDriver())
+		m = p.dialect.insertMethod(p.pgxDriver(), len(jobs))
 	}
 	return p.dialect.insertJobs(db, jobs, m)
 }

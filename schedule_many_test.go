@@ -321,3 +321,20 @@ func TestScheduleManySimpleProtocolPostgres(t *testing.T) {
 	assert.Equal(t, "[]", getJob(t, db, many[1].ID).Args)
 	assert.Nil(t, getJob(t, db, many[1].ID).GroupID)
 }
+
+// BenchmarkSchedule: one job per call on a plain handle (autocommit), for
+// allocations per job (go test -run - -bench Schedule -benchtime 3000x).
+func BenchmarkSchedule(b *testing.B) {
+	for _, kind := range dbKinds {
+		b.Run(kind, func(b *testing.B) {
+			d := newTestDB(b, kind, nil)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if _, err := async.Schedule(d.DB, "bench.schedule", async.Args(i)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -91,10 +91,17 @@ func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
 			return nil, err
 		}
 	}
-	if err := db.Create(&job.Job).Error; err != nil {
+	// ScheduleMany's insert, for one row: one statement whose text does not
+	// change. GORM's Create built the INSERT from the model's schema at
+	// every call (140 allocations against 64, BenchmarkSchedule) and, on a
+	// plain handle, wrapped it in a transaction of its own (three round
+	// trips against one).
+	rows := []Job{job.Job}
+	if err := p.insertJobs(db, rows, 0); err != nil {
 		return nil, fmt.Errorf("async: schedule %s: %w", job.Name, err)
 	}
-	return &job.Job, nil
+	p.jobsInserted(db)
+	return &rows[0], nil
 }
 
 // newJobRow is a job ready to insert, with its group reference.
