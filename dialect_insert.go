@@ -77,9 +77,10 @@ const (
 	insertValuesLastID
 )
 
-// insertMethod picks the insert for rows new jobs on this database; pgx
-// tells whether its driver is pgx's. One row (Schedule) on Postgres is a
-// plain INSERT ... VALUES ... RETURNING: unnest's arrays gain nothing there.
+// insertMethod picks how this database inserts a number (rows) of new jobs;
+// pgx tells whether its driver is pgx's. One row (Schedule) on Postgres is
+// a plain INSERT ... VALUES ... RETURNING: unnest's arrays gain nothing
+// there.
 func (d *dialect) insertMethod(pgx bool, rows int) insertMethod {
 	switch {
 	case d.kind == kindPostgres && pgx && rows > 1:
@@ -93,7 +94,7 @@ func (d *dialect) insertMethod(pgx bool, rows int) insertMethod {
 // insertJobs inserts new jobs (built by buildJob) through db, in as few
 // statements as the database allows, and sets their IDs. m is the method, or
 // zero for this database's best. It does not begin a transaction:
-// ScheduleMany runs it in one.
+// ScheduleMany runs it in one; Schedule's one row is one statement.
 func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
 	if m == 0 {
 		m = p.dialect.insertMethod(p.pgxDriver(), len(jobs))
