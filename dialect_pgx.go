@@ -278,7 +278,7 @@ func (a pgArray[T]) Value() (driver.Value, error) { return []T(a), nil }
 func completeAllArraysSQL(jobs []*Job, starts []time.Time, results []string, done time.Time) (string, []any) {
 	const q = "UPDATE " + jobTable + " AS j SET executed = ?, locked_by = '', locked_until = NULL, started = v.started, result = v.result" +
 		" FROM unnest(CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS TIMESTAMPTZ[]), CAST(? AS TEXT[])) AS v (id, attempts, started, result)" +
-		" WHERE j.id = v.id AND j.attempts = v.attempts AND j.locked_by = ? AND COALESCE(j.executed, j.cancelled, j.failed) IS NULL"
+		" WHERE j.id = v.id AND j.attempts = v.attempts AND j.locked_by = ? AND " + stillPending // v has no such columns
 	ids := make(pgArray[int64], len(jobs))
 	attempts := make(pgArray[int64], len(jobs))
 	for i, j := range jobs {

@@ -38,10 +38,7 @@ func (p *Plugin) joinGroup(db *gorm.DB, reference string) (*int64, error) {
 	if err != nil {
 		return nil, fmt.Errorf("async: finding group %q: %w", reference, err)
 	}
-	var last int64 // the reference's highest generation
-	if err := db.Model(&Group{}).Select("COALESCE(MAX(generation), 0)").Where("reference = ?", reference).Scan(&last).Error; err != nil {
-		return nil, fmt.Errorf("async: finding group %q: %w", reference, err)
-	}
+	last := int64(-1) // the reference's highest generation, read when a group must be started
 	for {
 		if g.ID != 0 {
 			switch open, err := groupOpen(db, &g); {
@@ -49,6 +46,11 @@ func (p *Plugin) joinGroup(db *gorm.DB, reference string) (*int64, error) {
 				return nil, err
 			case open:
 				return &g.ID, nil
+			}
+		}
+		if last < 0 {
+			if err := db.Model(&Group{}).Select("COALESCE(MAX(generation), 0)").Where("reference = ?", reference).Scan(&last).Error; err != nil {
+				return nil, fmt.Errorf("async: finding group %q: %w", reference, err)
 			}
 		}
 		if g.Generation != nil && *g.Generation > last {
