@@ -2,6 +2,7 @@ package async
 
 import (
 	"context"
+	"strings"
 	"time"
 )
 
@@ -13,31 +14,74 @@ import (
 // releaseAll gives back jobs whose runs were rolled back: lease cleared,
 // attempt uncounted, so they run again at once.
 func (p *Plugin) releaseAll(ctx context.Context, jobs []*Job, idx []int, infos []RunInfo, why error) {
+	back := make([]*Job, len(idx))
+	for i, k := range idx {
+		back[i] = jobs[k]
+	}
+	p.releaseUnstarted(ctx, back)
 	for _, k := range idx {
-		p.release(ctx, jobs[k])
 		infos[k].Outcome, infos[k].Err = OutcomeInterrupted, why
 		infos[k].Duration = time.Since(infos[k].Started)
 	}
 }
 
-// releaseUnstarted gives back claimed jobs that never started.
+// releaseUnstarted gives back claimed jobs, one statement for each run of
+// jobs with the same owner (a batch or a claim has one), chunked under the
+// placeholder limit. The process's claim hints are dropped and its idle
+// workers woken, so that one of them takes the jobs at once, in run order,
+// instead of at its next poll.
 func (p *Plugin) releaseUnstarted(ctx context.Context, jobs []*Job) {
+	if len(jobs) == 0 {
+		return
+	}
+	most := max(1, (p.dialect.maxParams()-1)/2)
+	for rest := jobs; len(rest) > 0; {
+		n := 1
+		for n < len(rest) && n < most && rest[n].LockedBy == rest[0].LockedBy {
+			n++
+		}
+		p.release(ctx, rest[:n])
+		rest = rest[n:]
+	}
+	p.hints.forget() // the jobs may lie below them: the next claim reads from the head
+	p.wakers.broadcast()
+}
+
+// release clears the leases of jobs that share an owner and uncounts their
+// attempts, where each claim still holds.
+func (p *Plugin) release(ctx context.Context, jobs []*Job) {
+	q, args := releaseSQL(jobs)
+	if err := p.session(ctx).Exec(q, args...).Error; err != nil {
+		ids := make([]int64, len(jobs))
+		for i, j := range jobs {
+			ids[i] = j.ID
+		}
+		p.Logger.Error("async: releasing jobs; they run again when their lease expires", "jobs", ids, "error", err)
+		return
+	}
 	for _, j := range jobs {
-		p.release(ctx, j)
+		j.Started = nil
 	}
 }
 
-// release clears a job's lease and uncounts its attempt. The process's
-// claim hints are dropped and its idle workers woken, so that one of them
-// takes the job at once, in run order, instead of at its next poll.
-func (p *Plugin) release(ctx context.Context, job *Job) {
-	err := p.session(ctx).Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
-		job.ID, job.LockedBy, job.Attempts).Error
-	if err != nil {
-		p.Logger.Error("async: releasing job; it runs again when its lease expires", "job", job.ID, "error", err)
-		return
+// releaseSQL is release's statement for jobs of one owner.
+func releaseSQL(jobs []*Job) (string, []any) {
+	var b strings.Builder
+	args := make([]any, 0, 1+2*len(jobs))
+	b.WriteString("UPDATE " + jobTable + " SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE locked_by = ? AND ")
+	args = append(args, jobs[0].LockedBy)
+	if len(jobs) == 1 {
+		b.WriteString("id = ? AND attempts = ?")
+		return b.String(), append(args, jobs[0].ID, jobs[0].Attempts)
 	}
-	job.Started = nil
-	p.hints.forget() // the job may lie below them: the next claim reads from the head
-	p.wakers.broadcast()
+	b.WriteString("(id, attempts) IN (")
+	for i, j := range jobs {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("(?, ?)")
+		args = append(args, j.ID, j.Attempts)
+	}
+	b.WriteString(")")
+	return b.String(), args
 }

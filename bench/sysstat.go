@@ -14,6 +14,7 @@ import (
 
 type cpuSnap struct {
 	busy, idle, iowait int64 // host jiffies from /proc/stat
+	steal              int64 // of busy: time the hypervisor gave to others
 	proc               time.Duration
 	server             int64 // jiffies of the local database servers' processes
 	ok                 bool
@@ -81,6 +82,9 @@ func takeCPU() cpuSnap {
 			s.idle += n
 		case 4:
 			s.iowait += n
+		case 7:
+			s.steal += n
+			s.busy += n
 		default:
 			if i < 8 { // user nice system idle iowait irq softirq steal
 				s.busy += n
@@ -102,9 +106,9 @@ func cpuNote(a, b cpuSnap, jobs int64, inProcess bool) string {
 		parts = append(parts, fmt.Sprintf("server %.0fµs cpu/job", float64(srv)*1e4/float64(jobs)))
 	}
 	if a.ok && b.ok {
-		busy, idle, wait := b.busy-a.busy, b.idle-a.idle, b.iowait-a.iowait
+		busy, idle, wait, steal := b.busy-a.busy, b.idle-a.idle, b.iowait-a.iowait, b.steal-a.steal
 		if tot := busy + idle + wait; tot > 0 {
-			parts = append(parts, fmt.Sprintf("host cpu %d%% busy, %d%% iowait", 100*busy/tot, 100*wait/tot))
+			parts = append(parts, fmt.Sprintf("host cpu %d%% busy (%d%% stolen by the hypervisor), %d%% iowait", 100*busy/tot, 100*steal/tot, 100*wait/tot))
 		}
 	}
 	return strings.Join(parts, "; ")
