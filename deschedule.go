@@ -1,7 +1,9 @@
 package async
 
 import (
+	"context"
 	"fmt"
+	"time"
 
 	"gorm.io/gorm"
 )
@@ -18,11 +20,13 @@ import (
 // keep their timestamps. A job that is running cannot be cancelled, as in the
 // reference: its row is locked by its own transaction, and Deschedule skips
 // it rather than wait for it (FOR UPDATE SKIP LOCKED), so it completes
-// normally. On a server without SKIP LOCKED, and on SQLite (one writer at a
-// time), Deschedule waits until such a run has ended instead, and cancels
-// the job only if it is still pending then (its run failed and it waits for
-// a retry). A job claimed but not yet started is cancelled, and its run is
-// skipped.
+// normally. A row locked by a worker's claim under way (the claim taking it
+// or, on MySQL, reading past it) is not skipped: Deschedule waits the
+// moment until the claim commits, then cancels the job. On a server without
+// SKIP LOCKED, and on SQLite (one writer at a time), Deschedule waits until a
+// run has ended instead, and cancels the job only if it is still pending
+// then (its run failed and it waits for a retry). A job claimed but not yet
+// started is cancelled, and its run is skipped.
 func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
@@ -83,6 +87,13 @@ func (p *Plugin) cancelIdentity(db *gorm.DB, identity string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	if p.dialect.skipLocked {
+		held, err := p.lockClaimed(db, identity, ids)
+		if err != nil {
+			return 0, err
+		}
+		ids = append(ids, held...)
+	}
 	now := p.now()
 	var n int64
 	for start := 0; start < len(ids); start += 500 {
@@ -95,3 +106,75 @@ func (p *Plugin) cancelIdentity(db *gorm.DB, identity string) (int64, error) {
 	}
 	return n, nil
 }
+
+// lockClaimed locks the pending jobs of identity that the SKIP LOCKED read
+// passed over (they are not in got) though no run holds them: a job that
+// runs has a lease, so a locked row without one is held by a claim under
+// way, which commits in a moment. It reads them again with SKIP LOCKED
+// (never waiting, so that two Deschedules of one identity cannot deadlock)
+// at growing intervals for up to claimWait, and returns the ids it locked
+// that are still pending. What stays locked that long is taken to be
+// running: a job that started right after its claim, or whose run outlived
+// its lease.
+func (p *Plugin) lockClaimed(db *gorm.DB, identity string, got []int64) ([]int64, error) {
+	var rows []struct {
+		ID          int64
+		LockedBy    string
+		LockedUntil *time.Time
+	}
+	err := db.Raw("SELECT id, locked_by, locked_until FROM "+jobTable+" WHERE identity = ? AND "+pending(jobTable), identity).
+		Scan(&rows).Error
+	if err != nil || len(rows) == len(got) {
+		return nil, err
+	}
+	seen := make(map[int64]bool, len(got))
+	for _, id := range got {
+		seen[id] = true
+	}
+	now := p.now()
+	wait := map[int64]bool{}
+	for _, r := range rows {
+		if !seen[r.ID] && (r.LockedBy == "" || r.LockedUntil == nil || !r.LockedUntil.After(now)) {
+			wait[r.ID] = true
+		}
+	}
+	var held []int64
+	ctx := db.Statement.Context
+	deadline := time.Now().Add(claimWait)
+	for pause := time.Millisecond; len(wait) > 0; pause *= 2 {
+		descheduleWaitHook()
+		select {
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		case <-time.After(min(pause, time.Until(deadline))):
+		}
+		ids := make([]int64, 0, len(wait))
+		for id := range wait {
+			ids = append(ids, id)
+		}
+		for start := 0; start < len(ids); start += 500 {
+			var locked []int64
+			err := db.Raw("SELECT id FROM "+jobTable+" WHERE id IN ? AND "+pending(jobTable)+" ORDER BY id"+p.dialect.lockClause(), ids[start:min(start+500, len(ids))]).
+				Scan(&locked).Error
+			if err != nil {
+				return nil, err
+			}
+			held = append(held, locked...)
+			for _, id := range locked {
+				delete(wait, id)
+			}
+		}
+		if !time.Now().Before(deadline) {
+			break
+		}
+	}
+	return held, nil
+}
+
+// claimWait is how long Deschedule waits for a claim under way to let go of
+// a pending job's row.
+const claimWait = 250 * time.Millisecond
+
+// descheduleWaitHook runs before each of lockClaimed's reads (tests hold it
+// there).
+var descheduleWaitHook = func() {}

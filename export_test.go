@@ -167,3 +167,11 @@ func ClaimReadsForTest(db *gorm.DB, limit int, queues ...string) ([]string, erro
 	}
 	return stmts, nil
 }
+
+// SetDescheduleWaitHook makes Deschedule call f before each read of the
+// rows a claim under way held, and returns the undo.
+func SetDescheduleWaitHook(f func()) (restore func()) {
+	old := descheduleWaitHook
+	descheduleWaitHook = f
+	return func() { descheduleWaitHook = old }
+}

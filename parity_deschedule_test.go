@@ -3,6 +3,7 @@ package async_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -208,5 +209,48 @@ func TestDescheduleClaimedJobIsNotRun(t *testing.T) {
 		got := jobState(t, d, j.ID)
 		assert.NotNil(t, got.Cancelled)
 		assert.Nil(t, got.Executed)
+	})
+}
+
+// A pending job's row locked by a claim under way (here a transaction that
+// locks it and then leases it, as a claim does) is not skipped as if it were
+// running: Deschedule waits for the claim to commit and cancels the job.
+// Without that, Deschedule returned 0 and the job ran.
+func TestDescheduleWaitsForAClaimUnderWay(t *testing.T) {
+	eachServerDB(t, "on SQLite one writer at a time: no claim is under way while Deschedule writes", func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "claimed"))
+		other := mustSchedule(t, d.DB, parityRecord, async.Args(log, "free"))
+		claim := d.DB.Begin()
+		require.NoError(t, claim.Error)
+		defer claim.Rollback()
+		var ids []int64
+		require.NoError(t, claim.Raw("SELECT id FROM async_job WHERE id = ? FOR UPDATE", j.ID).Scan(&ids).Error)
+		require.Equal(t, []int64{j.ID}, ids)
+
+		waiting, committed := make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		defer async.SetDescheduleWaitHook(func() { once.Do(func() { close(waiting); <-committed }) })()
+		type result struct {
+			n   int64
+			err error
+		}
+		done := make(chan result, 1)
+		go func() {
+			n, err := async.Deschedule(d.DB, parityRecord, async.Args(log, "claimed"))
+			done <- result{n, err}
+		}()
+		recv(t, waiting, time.Minute, "Deschedule to find the claimed row held")
+		require.NoError(t, claim.Exec("UPDATE async_job SET locked_by = 'claimer', locked_until = ?, attempts = attempts + 1 WHERE id = ?",
+			time.Now().Add(time.Hour), j.ID).Error)
+		require.NoError(t, claim.Commit().Error)
+		close(committed)
+		r := recv(t, done, time.Minute, "Deschedule to return")
+		require.NoError(t, r.err)
+		assert.EqualValues(t, 1, r.n)
+		assert.NotNil(t, jobState(t, d, j.ID).Cancelled, "the job the claim held is cancelled")
+		assert.Nil(t, jobState(t, d, other.ID).Cancelled, "another identity is untouched")
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{}))
+		assert.Equal(t, []string{"free"}, logged(log), "the cancelled job never runs")
 	})
 }
