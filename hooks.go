@@ -15,7 +15,10 @@ const (
 	// OutcomeExecuted: the task succeeded; its writes committed with the job's completion.
 	OutcomeExecuted Outcome = "executed"
 	// OutcomeRetry: the task failed; its writes were rolled back, the error was
-	// recorded and the job will run again later.
+	// recorded and the job will run again later. If the database could not
+	// be reached to record the error, Err still carries it, no error row is
+	// written, and the job runs again once its lease expires (the attempt
+	// counted).
 	OutcomeRetry Outcome = "retry"
 	// OutcomeFailed: the task failed and the job ended in the terminal failed state.
 	OutcomeFailed Outcome = "failed"
