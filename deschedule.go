@@ -21,8 +21,9 @@ import (
 // reference: its row is locked by its own transaction, and Deschedule skips
 // it rather than wait for it (FOR UPDATE SKIP LOCKED), so it completes
 // normally. A row locked by a worker's claim under way (the claim taking it
-// or, on MySQL, reading past it) is not skipped: Deschedule waits the
-// moment until the claim commits, then cancels the job. On a server without
+// or, on MySQL, reading past it) is not taken for a running one: Deschedule
+// reads it again for up to 250 ms, until the claim has committed, and then
+// cancels the job. On a server without
 // SKIP LOCKED, and on SQLite (one writer at a time), Deschedule waits until a
 // run has ended instead, and cancels the job only if it is still pending
 // then (its run failed and it waits for a retry). A job claimed but not yet
