@@ -118,8 +118,22 @@ func completeAllCaseSQL(jobs []*Job, starts []time.Time, results []string, done 
 		b.WriteString(" WHEN ? THEN ?")
 		args = append(args, j.ID, results[i])
 	}
-	b.WriteString(" END WHERE locked_by = ? AND " + stillPending + " AND (id, attempts) IN (")
+	b.WriteString(" END WHERE " + stillPending + " AND ")
+	args = appendClaimsHold(&b, args, jobs)
+	return b.String(), args
+}
+
+// appendClaimsHold writes to b the condition that each of jobs' claims still
+// holds (the same owner, the same attempt) and returns args with its
+// arguments. The jobs share one owner.
+func appendClaimsHold(b *strings.Builder, args []any, jobs []*Job) []any {
+	b.WriteString("locked_by = ? AND ")
 	args = append(args, jobs[0].LockedBy)
+	if len(jobs) == 1 {
+		b.WriteString("id = ? AND attempts = ?")
+		return append(args, jobs[0].ID, jobs[0].Attempts)
+	}
+	b.WriteString("(id, attempts) IN (")
 	for i, j := range jobs {
 		if i > 0 {
 			b.WriteString(", ")
@@ -128,5 +142,5 @@ func completeAllCaseSQL(jobs []*Job, starts []time.Time, results []string, done 
 		args = append(args, j.ID, j.Attempts)
 	}
 	b.WriteString(")")
-	return b.String(), args
+	return args
 }

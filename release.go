@@ -67,21 +67,7 @@ func (p *Plugin) release(ctx context.Context, jobs []*Job) {
 // releaseSQL is release's statement for jobs of one owner.
 func releaseSQL(jobs []*Job) (string, []any) {
 	var b strings.Builder
-	args := make([]any, 0, 1+2*len(jobs))
-	b.WriteString("UPDATE " + jobTable + " SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE locked_by = ? AND ")
-	args = append(args, jobs[0].LockedBy)
-	if len(jobs) == 1 {
-		b.WriteString("id = ? AND attempts = ?")
-		return b.String(), append(args, jobs[0].ID, jobs[0].Attempts)
-	}
-	b.WriteString("(id, attempts) IN (")
-	for i, j := range jobs {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString("(?, ?)")
-		args = append(args, j.ID, j.Attempts)
-	}
-	b.WriteString(")")
+	b.WriteString("UPDATE " + jobTable + " SET attempts = attempts - 1, started = NULL, locked_by = '', locked_until = NULL WHERE ")
+	args := appendClaimsHold(&b, make([]any, 0, 1+2*len(jobs)), jobs)
 	return b.String(), args
 }
