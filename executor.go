@@ -335,7 +335,10 @@ func (p *Plugin) invoke(ctx context.Context, tx *gorm.DB, job *Job, t *task) (re
 	if p.BeforeRun != nil {
 		ctx = p.BeforeRun(ctx, tx, job)
 	}
-	result, err = t.call(ctx, tx.WithContext(ctx), job.Args, job.Kwargs)
+	if tx.Statement.Context != ctx {
+		tx = tx.WithContext(ctx)
+	}
+	result, err = t.call(ctx, tx, job.Args, job.Kwargs)
 	if err != nil {
 		stack = string(debug.Stack())
 	}

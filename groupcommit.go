@@ -40,6 +40,9 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		}
 		return upto
 	}
+	// One handle on the transaction, with the tasks' context, for all of
+	// the batch's tasks (a session: their statements do not change it).
+	taskDB := tx.db.WithContext(ctx)
 	var results []string
 	var starts []time.Time
 	k := first
@@ -50,7 +53,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
+		t, result, err, stack := p.callTask(ctx, taskDB, job, o.timeout)
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()

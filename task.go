@@ -192,18 +192,27 @@ func resolveTask(fn any) (string, *task, error) {
 
 // checkArgs verifies, at Schedule time, that encoded arguments fit the task.
 func (t *task) checkArgs(args []json.RawMessage, kwargs map[string]json.RawMessage) error {
+	_, err := t.decodeArgs(nil, args, kwargs)
+	return err
+}
+
+// decodeArgs decodes args into the task's parameter types and appends them
+// to in.
+func (t *task) decodeArgs(in []reflect.Value, args []json.RawMessage, kwargs map[string]json.RawMessage) ([]reflect.Value, error) {
 	if len(args) != len(t.params) {
-		return errorf(ErrBadArguments, "task %s takes %d argument(s), got %d", t.name, len(t.params), len(args))
+		return nil, errorf(ErrBadArguments, "task %s takes %d argument(s), got %d", t.name, len(t.params), len(args))
 	}
 	if len(kwargs) > 0 && !t.hasKwargs {
-		return errorf(ErrBadArguments, "task %s takes no keyword arguments (its last parameter is not async.Kwargs)", t.name)
+		return nil, errorf(ErrBadArguments, "task %s takes no keyword arguments (its last parameter is not async.Kwargs)", t.name)
 	}
 	for i, raw := range args {
-		if err := json.Unmarshal(raw, reflect.New(t.params[i]).Interface()); err != nil {
-			return errorf(ErrBadArguments, "task %s argument %d does not fit parameter type %s: %v", t.name, i+1, t.params[i], err)
+		p := reflect.New(t.params[i])
+		if err := json.Unmarshal(raw, p.Interface()); err != nil {
+			return nil, errorf(ErrBadArguments, "task %s argument %d does not fit parameter type %s: %v", t.name, i+1, t.params[i], err)
 		}
+		in = append(in, p.Elem())
 	}
-	return nil
+	return in, nil
 }
 
 // call decodes the stored arguments and calls the function. It returns the
@@ -214,20 +223,16 @@ func (t *task) call(ctx context.Context, tx *gorm.DB, argsJSON, kwargsJSON strin
 		return "", errorf(ErrBadArguments, "task %s: stored args are not a JSON array: %v", t.name, err)
 	}
 	var kw map[string]json.RawMessage
-	if kwargsJSON != "" {
+	if kwargsJSON != "" && kwargsJSON != "{}" {
 		if err := json.Unmarshal([]byte(kwargsJSON), &kw); err != nil {
 			return "", errorf(ErrBadArguments, "task %s: stored kwargs are not a JSON object: %v", t.name, err)
 		}
 	}
-	if err := t.checkArgs(args, kw); err != nil {
+	in := make([]reflect.Value, 2, len(t.params)+3)
+	in[0], in[1] = reflect.ValueOf(ctx), reflect.ValueOf(tx)
+	in, err = t.decodeArgs(in, args, kw)
+	if err != nil {
 		return "", err
-	}
-	in := make([]reflect.Value, 0, len(t.params)+3)
-	in = append(in, reflect.ValueOf(ctx), reflect.ValueOf(tx))
-	for i, raw := range args {
-		p := reflect.New(t.params[i])
-		_ = json.Unmarshal(raw, p.Interface()) // checked above
-		in = append(in, p.Elem())
 	}
 	if t.hasKwargs {
 		k := Kwargs{}
