@@ -1,6 +1,7 @@
 package async_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"testing"
@@ -114,6 +115,46 @@ func TestGroupCommitRunsEachTaskOnce(t *testing.T) {
 		assert.Less(t, completions, int64(m/2), "jobs completed in batches")
 		assert.EqualValues(t, m, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
 		assert.Zero(t, count(t, d.DB, "async_job", "locked_by <> '' OR started IS NULL OR result IS NULL"))
+	})
+}
+
+// leaveError writes its effect, then leaves an error on its handle without
+// returning it.
+func leaveError(ctx context.Context, tx *gorm.DB, key string) error {
+	countRun(key)
+	if err := tx.Create(&Effect{K: key}).Error; err != nil {
+		return err
+	}
+	tx.AddError(errors.New("left on the handle"))
+	return nil
+}
+
+func init() { async.MustRegister(leaveError) }
+
+// Group commit: the tasks of a batch share a handle on its transaction, and
+// an error one task leaves on it does not reach the next task's statements
+// (which would fail them and rerun the batch carefully).
+func TestGroupCommitTasksDoNotSeeAnotherTasksError(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		prefix := fmt.Sprintf("handle-%s-%d-", d.Kind, time.Now().UnixNano())
+		var calls []async.Call
+		for i := 0; i < 4; i++ {
+			calls = append(calls, async.Task(leaveError, async.Args(fmt.Sprintf("%sleave%d", prefix, i))),
+				async.Task(writeEffect, async.Args(fmt.Sprintf("%swrite%d", prefix, i), i)))
+		}
+		_, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 8, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+		waitFor(t, 60*time.Second, "every job to run", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == 8
+		})
+		for i := 0; i < 4; i++ {
+			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%sleave%d", prefix, i)))
+			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%swrite%d", prefix, i)))
+		}
+		assert.EqualValues(t, 8, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		assert.Zero(t, count(t, d.DB, "async_error", "1 = 1"))
 	})
 }
 

@@ -41,7 +41,8 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		return upto
 	}
 	// One handle on the transaction, with the tasks' context, for all of
-	// the batch's tasks (a session: their statements do not change it).
+	// the batch's tasks: a session, which their statements do not change;
+	// an error a task leaves on it (AddError) is cleared before the next.
 	taskDB := tx.db.WithContext(ctx)
 	var results []string
 	var starts []time.Time
@@ -53,6 +54,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
+		taskDB.Error = nil
 		t, result, err, stack := p.callTask(ctx, taskDB, job, o.timeout)
 		if ctx.Err() != nil {
 			tx.rollback()
