@@ -64,7 +64,7 @@ type WorkerOptions struct {
 	// meanwhile at a higher priority waits for them, so about 20ms); if no
 	// slot frees for 100ms, they go back to the queue for other workers, as
 	// they do at once on shutdown, their attempts uncounted. Negative: claim
-	// only for free slots. Default: 4 x Concurrency, at least 32, in strict
+	// only for free slots. Default: 16 x Concurrency, at least 128, in strict
 	// mode; none with group commit, whose claims already take whole batches
 	// (ready batches measured slower there on MariaDB).
 	Prefetch int
@@ -139,7 +139,7 @@ func NewWorker(db *gorm.DB, o WorkerOptions) (*Worker, error) {
 	}
 	switch {
 	case o.Prefetch == 0 && o.BatchSize == 1:
-		o.Prefetch = max(4*o.Concurrency, 32)
+		o.Prefetch = max(16*o.Concurrency, 128)
 	case o.Prefetch <= 0:
 		o.Prefetch = -1 // none
 	}
