@@ -168,7 +168,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 			}
 		}
-		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
+		t, result, err, stack := p.callTask(ctx, tx.db.WithContext(ctx), job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
@@ -298,11 +298,13 @@ func (w *window) stop() bool {
 }
 
 // callTask runs the job's task under the per-job timeout; running out of
-// time is an error wrapping ErrTimeout.
+// time is an error wrapping ErrTimeout. tx is the task's handle on the job's
+// transaction, with ctx as its context.
 func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
 	taskCtx, cancel := ctx, context.CancelFunc(func() {})
 	if timeout > 0 {
 		taskCtx, cancel = context.WithTimeout(ctx, timeout)
+		tx = tx.WithContext(taskCtx)
 	}
 	defer cancel()
 	t = lookupTask(job.Name)
@@ -317,7 +319,8 @@ func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout ti
 	return t, result, err, stack
 }
 
-// invoke calls the task, turning a panic into an error with its stack.
+// invoke calls the task, turning a panic into an error with its stack. tx
+// has ctx as its context.
 func (p *Plugin) invoke(ctx context.Context, tx *gorm.DB, job *Job, t *task) (result string, err error, stack string) {
 	if t == nil {
 		return "", errorf(ErrUnknownTask, "%q is not registered in this process", job.Name), string(debug.Stack())
@@ -334,8 +337,6 @@ func (p *Plugin) invoke(ctx context.Context, tx *gorm.DB, job *Job, t *task) (re
 	}()
 	if p.BeforeRun != nil {
 		ctx = p.BeforeRun(ctx, tx, job)
-	}
-	if tx.Statement.Context != ctx {
 		tx = tx.WithContext(ctx)
 	}
 	result, err = t.call(ctx, tx, job.Args, job.Kwargs)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -102,6 +103,66 @@ func TestWorkerRunHooks(t *testing.T) {
 				}
 			}
 			assert.EqualValues(t, 3, count(t, d.DB, "async_job", "queue = ?", "follow-up"))
+		})
+	}
+}
+
+// handleSeen is what a task saw of its handle's context.
+type handleSeen struct {
+	trace       any
+	hasDeadline bool
+}
+
+var handleProbes sync.Map // key -> chan handleSeen
+
+// probeHandle reports what its handle's context carries.
+func probeHandle(ctx context.Context, tx *gorm.DB, key string) error {
+	c := tx.Statement.Context
+	_, dl := c.Deadline()
+	if ch, ok := handleProbes.Load(key); ok {
+		ch.(chan handleSeen) <- handleSeen{trace: c.Value(traceKey{}), hasDeadline: dl}
+	}
+	return nil
+}
+
+func init() { async.MustRegister(probeHandle) }
+
+// A task's *gorm.DB carries the task's context (the job timeout's deadline,
+// BeforeRun's values), in strict mode and with group commit, so that its
+// statements are cancelled with the job and GORM plugins (tracing) see it.
+func TestTaskHandleCarriesTheTaskContext(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			for _, hook := range []bool{false, true} {
+				plugin := &async.Plugin{}
+				if hook {
+					plugin.BeforeRun = func(ctx context.Context, tx *gorm.DB, job *async.Job) context.Context {
+						return context.WithValue(ctx, traceKey{}, fmt.Sprintf("trace-%d", job.ID))
+					}
+				}
+				d := newTestDB(t, kind, plugin)
+				for _, batch := range []int{1, 4} {
+					key := newKey(t, "probe")
+					ch := make(chan handleSeen, 4)
+					handleProbes.Store(key, ch)
+					t.Cleanup(func() { handleProbes.Delete(key) })
+					for range 3 {
+						_, err := async.Schedule(d.DB, probeHandle, async.Args(key))
+						require.NoError(t, err)
+					}
+					stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: batch, JobTimeout: time.Minute, PollInterval: 20 * time.Millisecond})
+					for range 3 {
+						s := recv(t, ch, time.Minute, "a task's report")
+						assert.True(t, s.hasDeadline, "BatchSize %d, BeforeRun %v: the job timeout's deadline", batch, hook)
+						if hook {
+							assert.Contains(t, s.trace, "trace-", "BatchSize %d: BeforeRun's value", batch)
+						} else {
+							assert.Nil(t, s.trace)
+						}
+					}
+					stop()
+				}
+			}
 		})
 	}
 }
