@@ -69,7 +69,7 @@ func parseFlags(args []string) (*config, error) {
 	pgc := fs.String("pgbench-clients", "1,4,8,16,32", "pgbench -N client counts")
 	fs.IntVar(&c.schedBatch, "sched-batch", 1000, "jobs per transaction in the many-in-one-tx scheduling case")
 	fs.IntVar(&prefetch, "prefetch", 0, "WorkerOptions.Prefetch of the workers (0: the default; negative: none)")
-	fs.IntVar(&c.batchK, "batch", 64, "WorkerOptions.BatchSize for the group-commit cases (1: strict mode only)")
+	fs.IntVar(&c.batchK, "batch", 256, "WorkerOptions.BatchSize for the group-commit cases (1: strict mode only)")
 	fs.IntVar(&c.queueDepth, "queue-depth", 2000, "throughput cases: least jobs prefilled, and the pending count below which the safety-net feeder tops up; rss case: pending jobs kept")
 	fs.IntVar(&c.rssJobs, "rss-jobs", 1_000_000, "no-op jobs run in the worker memory case")
 	fs.IntVar(&c.rssBatch, "rss-batch", 16, "WorkerOptions.BatchSize in the worker memory case (1: strict mode, much slower)")
