@@ -94,12 +94,17 @@ func (d *dialect) insertMethod(pgx bool, rows int) insertMethod {
 // insertJobs inserts new jobs (built by buildJob) through db, in as few
 // statements as the database allows, and sets their IDs. m is the method, or
 // zero for this database's best. It does not begin a transaction:
-// ScheduleMany runs it in one; Schedule's one row is one statement.
+// ScheduleMany runs it in one; Schedule's one row is one statement. Once
+// inserted, the jobs wake this process's idle workers (jobsInserted).
 func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
 	if m == 0 {
 		m = p.dialect.insertMethod(p.pgxDriver(), len(jobs))
 	}
-	return p.dialect.insertJobs(db, jobs, m)
+	if err := p.dialect.insertJobs(db, jobs, m); err != nil {
+		return err
+	}
+	p.jobsInserted(db)
+	return nil
 }
 
 // insertJobs inserts jobs with method m, in chunks.

@@ -100,7 +100,6 @@ func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
 	if err := p.insertJobs(db, rows, 0); err != nil {
 		return nil, fmt.Errorf("async: schedule %s: %w", job.Name, err)
 	}
-	p.jobsInserted(db)
 	return &rows[0], nil
 }
 
@@ -262,11 +261,7 @@ func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 			}
 			rows[i].GroupID = groups[ref]
 		}
-		if err := p.insertJobs(db, rows, m); err != nil {
-			return err
-		}
-		p.jobsInserted(db)
-		return nil
+		return p.insertJobs(db, rows, m)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("async: schedule many: %w", err)
