@@ -3,6 +3,7 @@ package async
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -45,8 +46,7 @@ func RemoveOldJobs(ctx context.Context, tx *gorm.DB, days, hours int) error {
 	if err != nil {
 		return fmt.Errorf("async: finding old groups: %w", err)
 	}
-	for start := 0; start < len(groups); start += 500 {
-		ids := groups[start:min(start+500, len(groups))]
+	for ids := range slices.Chunk(groups, idChunk) {
 		jobs := db.Model(&Job{}).Select("id").Where("group_id IN ?", ids)
 		if err := db.Where("job_id IN (?)", jobs).Delete(&JobError{}).Error; err != nil {
 			return fmt.Errorf("async: removing old group errors: %w", err)

@@ -3,6 +3,8 @@ package async
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -97,8 +99,7 @@ func (p *Plugin) cancelIdentity(db *gorm.DB, identity string) (int64, error) {
 	}
 	now := p.now()
 	var n int64
-	for start := 0; start < len(ids); start += 500 {
-		chunk := ids[start:min(start+500, len(ids))]
+	for chunk := range slices.Chunk(ids, idChunk) {
 		res := db.Exec("UPDATE "+jobTable+" SET cancelled = ? WHERE id IN ? AND "+pending(jobTable), now, chunk)
 		if res.Error != nil {
 			return 0, res.Error
@@ -149,13 +150,9 @@ func (p *Plugin) lockClaimed(db *gorm.DB, identity string, got []int64) ([]int64
 			return nil, context.Cause(ctx)
 		case <-time.After(min(pause, time.Until(deadline))):
 		}
-		ids := make([]int64, 0, len(wait))
-		for id := range wait {
-			ids = append(ids, id)
-		}
-		for start := 0; start < len(ids); start += 500 {
+		for chunk := range slices.Chunk(slices.Collect(maps.Keys(wait)), idChunk) {
 			var locked []int64
-			err := db.Raw("SELECT id FROM "+jobTable+" WHERE id IN ? AND "+pending(jobTable)+" ORDER BY id"+p.dialect.lockClause(), ids[start:min(start+500, len(ids))]).
+			err := db.Raw("SELECT id FROM "+jobTable+" WHERE id IN ? AND "+pending(jobTable)+" ORDER BY id"+p.dialect.lockClause(), chunk).
 				Scan(&locked).Error
 			if err != nil {
 				return nil, err

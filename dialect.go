@@ -229,6 +229,11 @@ func (d *dialect) maxParams() int {
 	return 65535 // Postgres and MySQL: a 16-bit count
 }
 
+// idChunk is how many ids one IN list of the library's maintenance
+// statements (cleanup, deschedule, estimates) carries: well under every
+// database's parameter limit (maxParams), and short to bind on SQLite.
+const idChunk = 500
+
 // beginWrite makes a transaction take the database's write lock first. On
 // SQLite a transaction that reads and then writes fails at once with
 // SQLITE_BUSY_SNAPSHOT when another connection committed in between; taking

@@ -3,6 +3,7 @@ package async
 import (
 	"fmt"
 	"math"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -154,8 +155,7 @@ func (p *Plugin) openGroupsRemaining(db *gorm.DB, now time.Time) (float64, error
 		return 0, fmt.Errorf("async: group estimates: %w", err)
 	}
 	sum := 0.0
-	for start := 0; start < len(rows); start += 500 {
-		chunk := rows[start:min(start+500, len(rows))]
+	for chunk := range slices.Chunk(rows, idChunk) {
 		ids := make([]int64, len(chunk))
 		for i, r := range chunk {
 			ids[i] = r.GroupID
