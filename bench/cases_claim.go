@@ -66,7 +66,10 @@ func (d *dbRun) claimCases(ctx context.Context) error {
 	if err := d.claimRoundsAlternating(ctx, "claim", tables); err != nil {
 		return err
 	}
-	note := fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue), alternating with the other sizes", claimRounds, cfg.claimJobs/claimRounds)
+	roundsNote := func(with string) string {
+		return fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue), alternating with %s", claimRounds, cfg.claimJobs/claimRounds, with)
+	}
+	note := roundsNote("the other sizes")
 	var base *row
 	for i, t := range tables {
 		var tgt *target
@@ -96,7 +99,7 @@ func (d *dbRun) claimCases(ctx context.Context) error {
 	base = d.rep.add(kind, fmt.Sprintf("claim+execute, %s finished rows, beside the next row", count(cfg.claimRows[0])), median(small.ms), "ms/job", nil,
 		"median of rounds alternating with the next row's", nil)
 	d.rep.add(kind, fmt.Sprintf("claim+execute, %s finished + %s pending for tomorrow", count(cfg.claimRows[len(tables)-1]), count(claimFutureJobs)),
-		median(big.ms), "ms/job", base, fmt.Sprintf("median of %d rounds of %d jobs (FlushQueue), alternating with the row above", claimRounds, cfg.claimJobs/claimRounds), ratioAtMost(1.5))
+		median(big.ms), "ms/job", base, roundsNote("the row above"), ratioAtMost(1.5))
 	return nil
 }
 
