@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -197,5 +199,49 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 		// The released jobs were claimed twice; their first attempt was
 		// given back uncounted, and no lease is left behind.
 		assert.Zero(t, count(t, d.DB, "async_job", "attempts <> 1 OR locked_by <> ''"))
+	})
+}
+
+// Group commit: batches shrink to what the window holds. Jobs that take
+// 10ms each, with a 40ms window: the first claim (pace unknown) takes a whole
+// BatchSize, and the window gives back what its batch did not reach; later
+// claims take about the five that start within a window, so that jobs are
+// not claimed, given back and claimed again batch after batch.
+func TestGroupCommitBatchesFitTheWindow(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		prefix := fmt.Sprintf("fit-%s-%d-", d.Kind, time.Now().UnixNano())
+		const n = 30
+		calls := make([]async.Call, n)
+		for i := range calls {
+			key := fmt.Sprintf("%s%d", prefix, i)
+			// The job's run time is what is under test: a sleep stands in for work.
+			on(t, key, func(context.Context, int64) error { time.Sleep(10 * time.Millisecond); return nil })
+			calls[i] = async.Task(ctlTask, async.Args(key))
+		}
+		var mu sync.Mutex
+		var batches []int
+		restore := async.SetWorkerClaimHook(func(_, batch int) {
+			mu.Lock()
+			batches = append(batches, batch)
+			mu.Unlock()
+		})
+		defer restore()
+		_, err := async.ScheduleMany(d.DB, calls...)
+		require.NoError(t, err)
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 64, BatchWindow: 40 * time.Millisecond, PollInterval: 20 * time.Millisecond})
+		waitFor(t, 30*time.Second, "every job to run", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == n
+		})
+		stop()
+		for i := 0; i < n; i++ {
+			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%s%d", prefix, i)))
+		}
+		assert.EqualValues(t, n, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		mu.Lock()
+		defer mu.Unlock()
+		require.GreaterOrEqual(t, len(batches), 2)
+		assert.Equal(t, 64, batches[0], "no pace known yet: BatchSize")
+		assert.LessOrEqual(t, slices.Max(batches[1:]), 8, "later batches hold what starts within the window: %v", batches)
 	})
 }

@@ -175,3 +175,11 @@ func SetDescheduleWaitHook(f func()) (restore func()) {
 	descheduleWaitHook = f
 	return func() { descheduleWaitHook = old }
 }
+
+// SetWorkerClaimHook has f see each claim a worker makes: its limit and the
+// batch size it splits into. Not for parallel tests.
+func SetWorkerClaimHook(f func(limit, batch int)) (restore func()) {
+	old := workerClaimHook
+	workerClaimHook = f
+	return func() { workerClaimHook = old }
+}

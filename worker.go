@@ -53,7 +53,10 @@ type WorkerOptions struct {
 	// BatchWindow bounds a batch by time: once its transaction has been open
 	// this long, it commits and the batch's unstarted jobs go back to the
 	// queue for other runners, so a slow job holds the others back at most
-	// this long. Default: 50ms. Used only when BatchSize > 1.
+	// this long. The worker sizes its batches (at most BatchSize) to the jobs
+	// that start within the window at the pace of its recent batches, so
+	// that the window cuts a batch only when its jobs run slower than
+	// those before. Default: 50ms. Used only when BatchSize > 1.
 	BatchWindow time.Duration
 	// Prefetch is the most claimed jobs the worker keeps ready besides
 	// those running, while a backlog of short jobs lasts (its last claim
@@ -224,8 +227,8 @@ func (w *Worker) Run(ctx context.Context) error {
 					batch = b
 				}
 				start := time.Now()
-				p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done(), chain: chain})
-				done <- batchDone{jobs: len(batch), took: time.Since(start)}
+				infos := p.runJobs(jobCtx, batch, runOptions{timeout: o.JobTimeout, window: o.BatchWindow, stop: ctx.Done(), chain: chain})
+				done <- doneReport(infos, start)
 			}
 		}()
 	}
@@ -263,10 +266,16 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	outstanding := 0 // batches sent to work and not done (running, or ready for a slot)
 	var perJob ewma  // run time per job, recent runs weighted most
+	var pace ewma    // group commit: time from one job's start to the next one's in a batch
 	progress := time.Now()
 	finish := func(r batchDone) {
 		outstanding--
-		perJob.add(r.took / time.Duration(r.jobs))
+		if r.jobs > 0 {
+			perJob.add(r.took / time.Duration(r.jobs))
+		}
+		if r.pace > 0 {
+			pace.add(r.pace)
+		}
 		progress = time.Now()
 	}
 	f := &claimFilter{queues: o.Queues, lease: o.Lease, owner: o.ID}
@@ -281,13 +290,15 @@ func (w *Worker) Run(ctx context.Context) error {
 		// Claim for the free slots and, while a backlog of short jobs lasts,
 		// the ready jobs Prefetch allows; with ready jobs left, wait until
 		// they run low, so that each claim takes many.
-		limit := (o.Concurrency - outstanding) * o.BatchSize
+		size := batchFit(o.BatchSize, o.BatchWindow, pace.avg)
+		limit := (o.Concurrency - outstanding) * size
 		pf := 0
 		if backlog && perJob.below(prefetchRunLimit) {
 			pf = readyLimit(prefetch, o.Concurrency, perJob.avg)
 		}
 		if more && limit+pf > 0 && ready.Load() <= int64(pf/2) {
-			f.limit = claimSize(limit+pf, o.BatchSize)
+			f.limit = claimSize(limit+pf, size)
+			workerClaimHook(f.limit, size)
 			// Once claimed, jobs go back at once on shutdown.
 			claimed, err := p.claimUncancelled(ctx, f)
 			if err != nil {
@@ -303,7 +314,7 @@ func (w *Worker) Run(ctx context.Context) error {
 				backlog = more
 				progress = time.Now()
 				for len(claimed) > 0 {
-					batch := claimed[:min(o.BatchSize, len(claimed))]
+					batch := claimed[:min(size, len(claimed))]
 					claimed = claimed[len(batch):]
 					outstanding++
 					ready.Add(int64(len(batch)))
@@ -395,3 +406,7 @@ func (w *Worker) listen(ctx context.Context) {
 		}
 	}
 }
+
+// workerClaimHook sees each claim a worker makes: the most jobs it takes,
+// and the jobs per batch (tests).
+var workerClaimHook = func(limit, batch int) {}

@@ -140,6 +140,9 @@ func (d *dbRun) workerCases(ctx context.Context) error {
 						continue
 					}
 					wc := workerCase{task: task, conc: c, procs: procs, batch: batch}
+					if !d.cfg.workerOnly.MatchString(wc.String()) {
+						continue
+					}
 					rate, note, err := d.workerRate(ctx, wc)
 					if err != nil {
 						if ctx.Err() != nil {

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,6 +51,7 @@ type config struct {
 	afterMigrate   []string // what-if statements run after each migration
 	scratch        string
 	keep           bool
+	workerOnly     *regexp.Regexp // worker cases run: those whose name matches
 }
 
 func (c *config) has(name string) bool { return slices.Contains(c.cases, name) }
@@ -83,6 +85,7 @@ func parseFlags(args []string) (*config, error) {
 	afterMigrate := fs.String("after-migrate", "", "what-if: SQL statements (separated by ;) run after the library migrates, e.g. a proposed index")
 	fs.StringVar(&c.scratch, "scratch", "async_bench", "name of the scratch database created on each server")
 	fs.BoolVar(&c.keep, "keep", false, "keep the scratch databases at the end")
+	workerOnly := fs.String("worker-only", "", "run only the worker cases whose name matches this regular expression, e.g. 'insert c=16 procs=2 K=256' (their baselines still run)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -102,6 +105,9 @@ func parseFlags(args []string) (*config, error) {
 		if s = strings.TrimSpace(s); s != "" {
 			c.afterMigrate = append(c.afterMigrate, s)
 		}
+	}
+	if c.workerOnly, err = regexp.Compile(*workerOnly); err != nil {
+		return nil, fmt.Errorf("-worker-only: %w", err)
 	}
 	c.cases = splitList(*cases)
 	for _, k := range c.cases {
