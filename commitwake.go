@@ -4,14 +4,16 @@ import (
 	"context"
 	"database/sql"
 	"sync/atomic"
+	"time"
 
 	"gorm.io/gorm"
 )
 
-// In-process wake-up at commit. The plugin wraps the *sql.DB connection pool
-// so that transactions begun through GORM can run code after COMMIT: when a
-// transaction inserted jobs, its commit wakes this process's idle workers.
-// Other processes learn of new jobs by polling, or on Postgres by NOTIFY.
+// Wake-ups. In this process, at commit: the plugin wraps the *sql.DB
+// connection pool so that transactions begun through GORM can run code after
+// COMMIT: when a transaction inserted jobs, its commit wakes this process's
+// idle workers. Other processes learn of new jobs by polling, or on Postgres
+// by NOTIFY, which a worker's listener (listen, below) turns into a wake-up.
 
 type wakePool struct {
 	*sql.DB
@@ -79,5 +81,28 @@ func (p *Plugin) afterCreate(db *gorm.DB) {
 		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
 	default:
 		p.wakers.broadcast() // autocommit: the job is already visible
+	}
+}
+
+// listen keeps a LISTEN connection open (Postgres), reconnecting with backoff.
+func (w *Worker) listen(ctx context.Context) {
+	p := w.p
+	sqlDB, err := p.db.DB()
+	if err != nil {
+		return
+	}
+	retry := newBackoff()
+	for ctx.Err() == nil {
+		err := p.dialect.listen(ctx, sqlDB, retry.reset, p.wakers.broadcast)
+		if ctx.Err() != nil {
+			return
+		}
+		d := retry.next()
+		p.Logger.Warn("async: notification listener lost; polling until it reconnects", "error", err, "in", d)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(d):
+		}
 	}
 }

@@ -117,3 +117,7 @@ func claimSize(limit, batch int) int {
 	}
 	return limit - limit%batch
 }
+
+// workerClaimHook sees each claim a worker makes: the most jobs it takes,
+// and the jobs per batch (tests).
+var workerClaimHook = func(limit, batch int) {}

@@ -383,30 +383,3 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	return nil
 }
-
-// listen keeps a LISTEN connection open (Postgres), reconnecting with backoff.
-func (w *Worker) listen(ctx context.Context) {
-	p := w.p
-	sqlDB, err := p.db.DB()
-	if err != nil {
-		return
-	}
-	retry := newBackoff()
-	for ctx.Err() == nil {
-		err := p.dialect.listen(ctx, sqlDB, retry.reset, p.wakers.broadcast)
-		if ctx.Err() != nil {
-			return
-		}
-		d := retry.next()
-		p.Logger.Warn("async: notification listener lost; polling until it reconnects", "error", err, "in", d)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(d):
-		}
-	}
-}
-
-// workerClaimHook sees each claim a worker makes: the most jobs it takes,
-// and the jobs per batch (tests).
-var workerClaimHook = func(limit, batch int) {}
