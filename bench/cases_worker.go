@@ -330,8 +330,13 @@ func (d *dbRun) startWorkerChildren(ctx context.Context, wc workerCase, poll tim
 		if i < wc.conc%wc.procs {
 			c++
 		}
-		k, err := startChild(childSpec{Mode: "worker", Kind: d.e.kind, DSN: d.e.dsn, Task: wc.task,
-			Concurrency: c, BatchSize: wc.batch, PollInterval: poll, Prefetch: prefetch}, nil)
+		spec := childSpec{Mode: "worker", Kind: d.e.kind, DSN: d.e.dsn, Task: wc.task,
+			Concurrency: c, BatchSize: wc.batch, PollInterval: poll, Prefetch: prefetch}
+		if d.cfg.cpuprofile != "" && d.cfg.profileCases {
+			spec.CPUProfile = d.profilePath(wc.String(), fmt.Sprintf(".child%d", i+1))
+			spec.ProfileAfter, spec.ProfileFor = warmup(d.cfg.duration), d.cfg.duration
+		}
+		k, err := startChild(spec, nil)
 		if err == nil {
 			ks = append(ks, k)
 			err = k.waitReady(ctx, 30*time.Second)

@@ -41,6 +41,12 @@ type childSpec struct {
 	Prefetch     int           `json:"prefetch,omitempty"`
 	Jobs         int           `json:"jobs,omitempty"` // producer: how many
 	Gap          time.Duration `json:"gap,omitempty"`  // producer: pause between commits
+	// CPUProfile, if set, is where a worker writes a CPU profile of the
+	// ProfileFor that follows its first ProfileAfter (the parent's warm-up
+	// and measuring window).
+	CPUProfile   string        `json:"cpu_profile,omitempty"`
+	ProfileAfter time.Duration `json:"profile_after,omitempty"`
+	ProfileFor   time.Duration `json:"profile_for,omitempty"`
 }
 
 // child is a running child process, seen from the parent.
@@ -192,6 +198,14 @@ func childWorker(ctx context.Context, spec childSpec) error {
 	if err != nil {
 		return err
 	}
+	if spec.CPUProfile != "" {
+		profiled := make(chan struct{})
+		defer func() { <-profiled }()
+		go func() {
+			defer close(profiled)
+			profileWindow(ctx, spec.CPUProfile, spec.ProfileAfter, spec.ProfileFor)
+		}()
+	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- w.Run(ctx) }()
 	stat := func() {
@@ -261,5 +275,25 @@ func pause(ctx context.Context, d time.Duration) {
 	select {
 	case <-t.C:
 	case <-ctx.Done():
+	}
+}
+
+// profileWindow writes a CPU profile to path of the span from after to
+// after+span from now, cut short if ctx ends.
+func profileWindow(ctx context.Context, path string, after, span time.Duration) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(after):
+	}
+	stop, err := startProfile(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench child: cpuprofile:", err)
+		return
+	}
+	defer stop()
+	select {
+	case <-ctx.Done():
+	case <-time.After(span):
 	}
 }

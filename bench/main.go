@@ -80,7 +80,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.DurationVar(&c.latencyGap, "latency-gap", 20*time.Millisecond, "gap between the producer's commits in the latency case")
 	fs.BoolVar(&c.jsonOut, "json", false, "print JSON on stdout instead of the table")
 	fs.StringVar(&c.cpuprofile, "cpuprofile", "", "write a CPU profile of the whole run to this file")
-	fs.BoolVar(&c.profileCases, "profile-cases", false, "with -cpuprofile: one profile per case, FILE.<db>.<case>.prof")
+	fs.BoolVar(&c.profileCases, "profile-cases", false, "with -cpuprofile: one profile per case, FILE.<db>.<case>.prof (a child worker's: FILE.<db>.<case>.child<N>.prof)")
 	fs.BoolVar(&c.sqlTrace, "sqltrace", false, "Postgres: break in-process cases down by statement (client wait per job)")
 	afterMigrate := fs.String("after-migrate", "", "what-if: SQL statements (separated by ;) run after the library migrates, e.g. a proposed index")
 	fs.StringVar(&c.scratch, "scratch", "async_bench", "name of the scratch database created on each server")

@@ -158,13 +158,19 @@ func (d *dbRun) profileCase(name string) (stop func()) {
 	if d.cfg.cpuprofile == "" || !d.cfg.profileCases {
 		return func() {}
 	}
-	clean := strings.NewReplacer(" ", "_", "=", "", "/", "_", ",", "_").Replace(name)
-	stop, err := startProfile(fmt.Sprintf("%s.%s.%s.prof", d.cfg.cpuprofile, d.e.kind, clean))
+	stop, err := startProfile(d.profilePath(name, ""))
 	if err != nil {
 		progress("cpuprofile: %v", err)
 		return func() {}
 	}
 	return stop
+}
+
+// profilePath is where the CPU profile of case name goes (suffix: of a
+// child process, e.g. ".child1").
+func (d *dbRun) profilePath(name, suffix string) string {
+	clean := strings.NewReplacer(" ", "_", "=", "", "/", "_", ",", "_").Replace(name)
+	return fmt.Sprintf("%s.%s.%s%s.prof", d.cfg.cpuprofile, d.e.kind, clean, suffix)
 }
 
 func startProfile(path string) (func(), error) {
