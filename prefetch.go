@@ -2,8 +2,10 @@ package async
 
 import "time"
 
-// Prefetch (WorkerOptions.Prefetch): the worker's claims, sized by its free
-// slots and, while a backlog of short jobs lasts, by the jobs it keeps ready.
+// The worker's claims, sized by its free slots times the jobs per batch
+// (BatchSize, or with group commit what fits BatchWindow: batchFit) and,
+// while a backlog of short jobs lasts, by the jobs it keeps ready
+// (WorkerOptions.Prefetch).
 
 // Prefetch applies while jobs run shorter than prefetchRunLimit on average,
 // and keeps ready no more jobs than the slots run in about prefetchSpan, so
@@ -27,12 +29,13 @@ func readyLimit(prefetch, concurrency int, perJob time.Duration) int {
 
 // batchFit is how many jobs a group-commit batch takes: batch (BatchSize),
 // or fewer where, one starting every pace, they would not all start within
-// window (BatchWindow): the first at once, then one per pace. The window gives a batch's unstarted jobs back to
-// the queue, to be claimed again: with batches larger than a window holds,
-// every batch paid for claiming, leasing and releasing the jobs it did not
-// reach (measured: 46% of the jobs claimed by a busy Postgres worker). The
-// size is rounded down to one of a few (fitSizes), so that a worker's
-// claims come in a few sizes (claimSize).
+// window (BatchWindow): the first at once, then one per pace. The window
+// gives a batch's unstarted jobs back to the queue, to be claimed again:
+// with batches larger than a window holds, every batch paid for claiming,
+// leasing and releasing the jobs it did not reach (measured: nearly half
+// of the jobs a busy Postgres worker claimed). The size is rounded down to
+// one of a few (fitSizes), so that a worker's claims come in a few sizes
+// (claimSize).
 func batchFit(batch int, window, pace time.Duration) int {
 	if batch <= 1 || window <= 0 || pace <= 0 {
 		return batch
