@@ -204,21 +204,14 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 
 // Group commit: batches shrink to what the window holds. Jobs that take
 // 10ms each, with a 40ms window: the first claim (pace unknown) takes a whole
-// BatchSize, and the window gives back what its batch did not reach; later
-// claims take about the five that start within a window, so that jobs are
-// not claimed, given back and claimed again batch after batch.
+// BatchSize; later claims take about the five that start within a window,
+// so that a runner does not hold more jobs than it starts in a window.
 func TestGroupCommitBatchesFitTheWindow(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		prefix := fmt.Sprintf("fit-%s-%d-", d.Kind, time.Now().UnixNano())
-		const n = 30
-		calls := make([]async.Call, n)
-		for i := range calls {
-			key := fmt.Sprintf("%s%d", prefix, i)
-			// The job's run time is what is under test: a sleep stands in for work.
-			on(t, key, func(context.Context, int64) error { time.Sleep(10 * time.Millisecond); return nil })
-			calls[i] = async.Task(ctlTask, async.Args(key))
-		}
+		const n = 40
+		keys := sleepyJobs(t, d, prefix, n, 10*time.Millisecond)
 		var mu sync.Mutex
 		var batches []int
 		restore := async.SetWorkerClaimHook(func(_, batch int) {
@@ -227,21 +220,62 @@ func TestGroupCommitBatchesFitTheWindow(t *testing.T) {
 			mu.Unlock()
 		})
 		defer restore()
-		_, err := async.ScheduleMany(d.DB, calls...)
-		require.NoError(t, err)
-		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 64, BatchWindow: 40 * time.Millisecond, PollInterval: 20 * time.Millisecond})
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 16, BatchWindow: 40 * time.Millisecond, PollInterval: 20 * time.Millisecond})
 		waitFor(t, 30*time.Second, "every job to run", func() bool {
 			return count(t, d.DB, "async_job", "executed IS NOT NULL") == n
 		})
 		stop()
-		for i := 0; i < n; i++ {
-			assert.EqualValues(t, 1, runCount(fmt.Sprintf("%s%d", prefix, i)))
+		for _, k := range keys {
+			assert.EqualValues(t, 1, runCount(k))
 		}
 		assert.EqualValues(t, n, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
 		mu.Lock()
 		defer mu.Unlock()
 		require.GreaterOrEqual(t, len(batches), 2)
-		assert.Equal(t, 64, batches[0], "no pace known yet: BatchSize")
+		assert.Equal(t, 16, batches[0], "no pace known yet: BatchSize")
 		assert.LessOrEqual(t, slices.Max(batches[1:]), 8, "later batches hold what starts within the window: %v", batches)
 	})
+}
+
+// Group commit: when the window closes while a job that is not slow runs,
+// its transaction commits after that job and the batch's other jobs go on
+// in a new transaction of the same runner: none goes back to the queue
+// (where it would be claimed again). Sixteen 10ms jobs in one claim, a
+// 100ms window: two or so transactions, nothing released.
+func TestGroupCommitWindowKeepsJobsThatDidNotFit(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		prefix := fmt.Sprintf("keep-%s-%d-", d.Kind, time.Now().UnixNano())
+		const n = 16
+		keys := sleepyJobs(t, d, prefix, n, 10*time.Millisecond)
+		released := async.ReleasedForTest(d.DB)
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: n, BatchWindow: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond})
+		waitFor(t, 30*time.Second, "every job to run", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NOT NULL") == n
+		})
+		stop()
+		for _, k := range keys {
+			assert.EqualValues(t, 1, runCount(k))
+		}
+		assert.EqualValues(t, n, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		assert.Zero(t, async.ReleasedForTest(d.DB)-released, "jobs given back to the queue")
+		assert.Zero(t, count(t, d.DB, "async_job", "attempts <> 1 OR locked_by <> ''"))
+	})
+}
+
+// sleepyJobs schedules n ctlTask jobs keyed prefix0, prefix1, ... that each
+// take about run (the job's run time is what these tests are about: a
+// sleep stands in for work), and returns their keys.
+func sleepyJobs(t *testing.T, d *testDB, prefix string, n int, run time.Duration) []string {
+	t.Helper()
+	keys := make([]string, n)
+	calls := make([]async.Call, n)
+	for i := range calls {
+		keys[i] = fmt.Sprintf("%s%d", prefix, i)
+		on(t, keys[i], func(context.Context, int64) error { time.Sleep(run); return nil })
+		calls[i] = async.Task(ctlTask, async.Args(keys[i]))
+	}
+	_, err := async.ScheduleMany(d.DB, calls...)
+	require.NoError(t, err)
+	return keys
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
-	"sync"
 	"time"
 
 	"gorm.io/gorm"
@@ -113,8 +112,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		setInfo(k, out, err)
 		return k + 1
 	}
-	// With group commit, the window closes the batch: the jobs not started
-	// by then go back to the queue, at once, even while a slow job runs.
+	// With group commit, the window bounds the transaction by time; the
+	// jobs not started go back to the queue if a slow job holds them
+	// (window.go).
 	win := p.batchWindow(bg, jobs, first, o.window)
 	defer win.stop()
 	shared := len(jobs)-first > 1
@@ -246,55 +246,6 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		return len(jobs) // the window released the rest
 	}
 	return k
-}
-
-// window bounds a group-commit batch by time.
-type window struct {
-	mu     sync.Mutex
-	next   int  // the first job not yet started
-	closed bool // the window has closed and released jobs[next:]
-	timer  *time.Timer
-	done   chan struct{}
-}
-
-func (p *Plugin) batchWindow(ctx context.Context, jobs []*Job, first int, d time.Duration) *window {
-	w := &window{next: first + 1}
-	if d <= 0 || len(jobs)-first < 2 {
-		return w
-	}
-	w.done = make(chan struct{})
-	w.timer = time.AfterFunc(d, func() {
-		defer close(w.done)
-		w.mu.Lock()
-		w.closed = true
-		rest := jobs[w.next:]
-		w.mu.Unlock()
-		p.releaseUnstarted(ctx, rest)
-	})
-	return w
-}
-
-// take reports whether job k may start in this batch.
-func (w *window) take(k int) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.closed {
-		return false
-	}
-	w.next = k + 1
-	return true
-}
-
-// stop ends the window, waiting for a release under way, and reports
-// whether the window had closed.
-func (w *window) stop() bool {
-	if w.timer != nil && !w.timer.Stop() {
-		<-w.done
-	}
-	w.timer = nil
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.closed
 }
 
 // callTask runs the job's task under the per-job timeout; running out of

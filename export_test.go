@@ -183,3 +183,12 @@ func SetWorkerClaimHook(f func(limit, batch int)) (restore func()) {
 	workerClaimHook = f
 	return func() { workerClaimHook = old }
 }
+
+// ReleasedForTest is how many jobs db's plugin has given back unstarted.
+func ReleasedForTest(db *gorm.DB) int64 {
+	p, err := pluginOf(db)
+	if err != nil {
+		panic(err)
+	}
+	return p.released.Load()
+}

@@ -31,11 +31,11 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	// to go on from.
 	careful := func(upto int) int {
 		tx.rollback()
-		closed := win.stop()
+		released := win.stop()
 		for next := first; next < upto; {
 			next = p.runTx(ctx, jobs[:upto], infos[:upto], next, runOptions{timeout: o.timeout})
 		}
-		if closed {
+		if released {
 			return len(jobs) // the window released the rest
 		}
 		return upto

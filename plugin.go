@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"gorm.io/gorm"
@@ -50,6 +51,8 @@ type Plugin struct {
 	dialect *dialect
 	wakers  notifier
 	hints   claimHints // where claims' reads start (claim_hint.go)
+	// released counts the jobs this process gave back unstarted (tests).
+	released atomic.Int64
 	// writeMu serialises this process's writing transactions on SQLite,
 	// which has a single database-wide writer.
 	writeMu sync.Mutex

@@ -62,6 +62,7 @@ func (p *Plugin) release(ctx context.Context, jobs []*Job) {
 	for _, j := range jobs {
 		j.Started = nil
 	}
+	p.released.Add(int64(len(jobs)))
 }
 
 // releaseSQL is release's statement for jobs of one owner.

@@ -50,13 +50,14 @@ type WorkerOptions struct {
 	// most once). See the README. Default: 1 (strict mode: one transaction
 	// per job, the job's row locked while it runs).
 	BatchSize int
-	// BatchWindow bounds a batch by time: once its transaction has been open
-	// this long, it commits and the batch's unstarted jobs go back to the
-	// queue for other runners, so a slow job holds the others back at most
-	// this long. The worker sizes its batches (at most BatchSize) to the jobs
-	// that start within the window at the pace of its recent batches, so
-	// that the window cuts a batch only when its jobs run slower than
-	// those before. Default: 50ms. Used only when BatchSize > 1.
+	// BatchWindow bounds a batch's transaction by time: once it has been
+	// open this long, no further job joins it; it commits when the job then
+	// running ends, and the batch's other jobs go on in a new transaction.
+	// If that job has itself run this long, they go back to the queue at
+	// once for other runners instead, so a slow job holds the others back at
+	// most this long. The worker sizes its batches (at most BatchSize) to the
+	// jobs that start within the window at the pace of its recent batches.
+	// Default: 50ms. Used only when BatchSize > 1.
 	BatchWindow time.Duration
 	// Prefetch is the most claimed jobs the worker keeps ready besides
 	// those running, while a backlog of short jobs lasts (its last claim
