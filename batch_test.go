@@ -220,15 +220,7 @@ func TestGroupCommitBatchesFitTheWindow(t *testing.T) {
 			mu.Unlock()
 		})
 		defer restore()
-		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 16, BatchWindow: 40 * time.Millisecond, PollInterval: 20 * time.Millisecond})
-		waitFor(t, 30*time.Second, "every job to run", func() bool {
-			return count(t, d.DB, "async_job", "executed IS NOT NULL") == n
-		})
-		stop()
-		for _, k := range keys {
-			assert.EqualValues(t, 1, runCount(k))
-		}
-		assert.EqualValues(t, n, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		runEachOnce(t, d, async.WorkerOptions{Concurrency: 1, BatchSize: 16, BatchWindow: 40 * time.Millisecond, PollInterval: 20 * time.Millisecond}, prefix, keys)
 		mu.Lock()
 		defer mu.Unlock()
 		require.GreaterOrEqual(t, len(batches), 2)
@@ -249,15 +241,7 @@ func TestGroupCommitWindowKeepsJobsThatDidNotFit(t *testing.T) {
 		const n = 16
 		keys := sleepyJobs(t, d, prefix, n, 10*time.Millisecond)
 		released := async.ReleasedForTest(d.DB)
-		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: n, BatchWindow: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond})
-		waitFor(t, 30*time.Second, "every job to run", func() bool {
-			return count(t, d.DB, "async_job", "executed IS NOT NULL") == n
-		})
-		stop()
-		for _, k := range keys {
-			assert.EqualValues(t, 1, runCount(k))
-		}
-		assert.EqualValues(t, n, count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
+		runEachOnce(t, d, async.WorkerOptions{Concurrency: 1, BatchSize: n, BatchWindow: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond}, prefix, keys)
 		assert.Zero(t, async.ReleasedForTest(d.DB)-released, "jobs given back to the queue")
 		assert.Zero(t, count(t, d.DB, "async_job", "attempts <> 1 OR locked_by <> ''"))
 	})
@@ -278,4 +262,20 @@ func sleepyJobs(t *testing.T, d *testDB, prefix string, n int, run time.Duration
 	_, err := async.ScheduleMany(d.DB, calls...)
 	require.NoError(t, err)
 	return keys
+}
+
+// runEachOnce runs a worker with options o until every job in the table
+// has executed, stops it, and asserts that each of keys (sleepyJobs under
+// prefix) ran once and committed its one effect.
+func runEachOnce(t *testing.T, d *testDB, o async.WorkerOptions, prefix string, keys []string) {
+	t.Helper()
+	stop := startWorker(t, d.DB, o)
+	waitFor(t, 30*time.Second, "every job to run", func() bool {
+		return count(t, d.DB, "async_job", "executed IS NOT NULL") == int64(len(keys))
+	})
+	stop()
+	for _, k := range keys {
+		assert.EqualValues(t, 1, runCount(k))
+	}
+	assert.EqualValues(t, len(keys), count(t, d.DB, "effects", "k LIKE ?", prefix+"%"))
 }
