@@ -1,6 +1,9 @@
 package async
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+	"time"
+)
 
 // runChain carries a worker slot's runs from one to the next: when a strict
 // job commits on a connTxns connection and the slot has another job ready,
@@ -11,10 +14,11 @@ type runChain struct {
 	take func() []*Job
 	// next is the batch taken at the last commit, and begun its run's
 	// transaction (nil if it must begin afresh), with the rows its fence
-	// affected.
-	next   []*Job
-	begun  *runTxn
-	fenced int64
+	// affected and the time it was fenced at (the run's start).
+	next     []*Job
+	begun    *runTxn
+	fenced   int64
+	fencedAt time.Time
 }
 
 // chainedRuns counts runs begun by the previous run's commit (for tests).

@@ -141,16 +141,32 @@ func (d *dialect) useConnTxns(db *gorm.DB, sqlDB *sql.DB) (why string) {
 // nothing by it.) pgx caches prepared statements by itself.
 func (d *dialect) prepareHot() bool { return d.kind == kindMySQL || d.kind == kindSQLite }
 
-// fenceSQL starts a run: it re-checks the claim (id, locked_by, attempts,
-// still pending) and locks the job's row until the job's transaction ends.
-// A locking read writes no new row version; SQLite, which has no row locks,
-// takes the database's write lock with an UPDATE that changes nothing.
-func (d *dialect) fenceSQL() string {
+// fence starts job's run at now: it re-checks the claim (id, locked_by,
+// attempts, still pending) and locks the job's row until the job's
+// transaction ends, returning the statement and its arguments; it affects
+// (or returns) one row if the claim holds. A locking read writes no new row
+// version. SQLite, which has no row locks, takes the database's write lock
+// with an UPDATE that changes nothing. MariaDB's compound statements
+// (dialect_maria.go) write the run's start time instead: an UPDATE's count
+// comes back in the statement's OK packet, where a read's row would be a
+// result set of its own, which costs the server and the client more than
+// the write (see mariaTxns.commit).
+func (d *dialect) fence(job *Job, now time.Time) (string, []any) {
 	const where = " WHERE id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
-	if d.singleWriter {
-		return "UPDATE " + jobTable + " SET locked_by = locked_by" + where
+	switch {
+	case d.singleWriter:
+		return "UPDATE " + jobTable + " SET locked_by = locked_by" + where, []any{job.ID, job.LockedBy, job.Attempts}
+	case d.fenceWrites():
+		return "UPDATE " + jobTable + " SET started = ?" + where, []any{now, job.ID, job.LockedBy, job.Attempts}
 	}
-	return "SELECT id FROM " + jobTable + where + " FOR UPDATE"
+	return "SELECT id FROM " + jobTable + where + " FOR UPDATE", []any{job.ID, job.LockedBy, job.Attempts}
+}
+
+// fenceWrites reports whether fence writes the start time: on MariaDB with
+// compound statements.
+func (d *dialect) fenceWrites() bool {
+	_, ok := d.txns.(*mariaTxns)
+	return ok
 }
 
 // questionMarks reports whether the driver takes ? placeholders as they

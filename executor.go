@@ -140,13 +140,17 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		var err error
 		switch {
 		case tx == nil && o.chain != nil && o.chain.begun != nil:
-			tx, fenced = o.chain.begun, o.chain.fenced // the last run's commit began it
+			// The last run's commit began it, and its fence: the run
+			// started then.
+			tx, fenced, now = o.chain.begun, o.chain.fenced, o.chain.fencedAt
 			o.chain.begun = nil
 			chainedRuns.Add(1)
 		case tx == nil:
-			tx, fenced, err = p.beginRun(bg, p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
+			q, args := p.dialect.fence(job, now)
+			tx, fenced, err = p.beginRun(bg, q, args...)
 		default:
-			fenced, err = tx.exec(p.dialect.fenceSQL(), job.ID, job.LockedBy, job.Attempts)
+			q, args := p.dialect.fence(job, now)
+			fenced, err = tx.exec(q, args...)
 		}
 		if err != nil {
 			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, err), "")
@@ -213,12 +217,12 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				next = c.take()
 			}
 			if next != nil {
-				n := next[0]
 				var nt *runTxn
+				at := p.now()
+				q, args := p.dialect.fence(next[0], at)
 				execErr, err, nt, o.chain.fenced = tx.commitThenBegin(completeSQL,
-					[]any{lastDone.started, lastDone.at, lastDone.result, job.ID},
-					p.dialect.fenceSQL(), []any{n.ID, n.LockedBy, n.Attempts})
-				o.chain.next, o.chain.begun = next, nt
+					[]any{lastDone.started, lastDone.at, lastDone.result, job.ID}, q, args)
+				o.chain.next, o.chain.begun, o.chain.fencedAt = next, nt, at
 			} else {
 				execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
 			}

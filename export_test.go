@@ -192,3 +192,26 @@ func ReleasedForTest(db *gorm.DB) int64 {
 	}
 	return p.released.Load()
 }
+
+// MariaCommitForTest runs, on a connection of db's pool held as a run's
+// transaction is on MariaDB (compound statements), first in a new
+// transaction, then commit with q and next, and rolls back whatever is open
+// afterwards.
+func MariaCommitForTest(db *gorm.DB, first, q, next string) (firstN, nextN int64, execErr, commitErr, beginErr error, err error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return 0, 0, nil, nil, nil, err
+	}
+	m, ok := p.dialect.txns.(*mariaTxns)
+	if !ok {
+		return 0, 0, nil, nil, nil, fmt.Errorf("async: MariaCommitForTest: runs do not use compound statements here")
+	}
+	ctx := context.Background()
+	conn, firstN, err := m.begin(ctx, p.sqlDB, first, nil)
+	if err != nil {
+		return 0, 0, nil, nil, nil, err
+	}
+	execErr, commitErr, nextN, beginErr = m.commit(ctx, conn, q, nil, next, nil)
+	m.rollback(ctx, conn)
+	return firstN, nextN, execErr, commitErr, beginErr, nil
+}

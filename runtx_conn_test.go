@@ -228,3 +228,60 @@ func TestMySQLWithoutCompoundStatements(t *testing.T) {
 		ON p.ID = t.trx_mysql_thread_id WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()`).Scan(&open).Error)
 	assert.Zero(t, open, "pooled connections with a transaction open")
 }
+
+// MariaDB: the statement that commits a run and begins the next returns no
+// result set; the next run's fence count comes from its OK packet, and after
+// an error a session variable tells whether the COMMIT had taken effect.
+// Each case here would be misreported if the count or that check were
+// wrong: a fence lost taken for one that holds, a committed run rolled back
+// or rerun, a failed one reported committed.
+func TestMariaCommitThenBeginReportsEachPart(t *testing.T) {
+	d := newTestDB(t, "mysql", nil)
+	info, err := async.Dialect(d.DB)
+	require.NoError(t, err)
+	if !strings.Contains(info.Version, "MariaDB") {
+		t.Skipf("MariaDB only (compound statements); the server is %s", info.Version)
+	}
+	require.NoError(t, d.DB.Exec("CREATE TABLE mc (id INT PRIMARY KEY, n INT NOT NULL)").Error)
+	require.NoError(t, d.DB.Exec("INSERT INTO mc (id, n) VALUES (1, 0), (2, 0)").Error)
+	n := func(id int) (v int) {
+		require.NoError(t, d.DB.Raw("SELECT n FROM mc WHERE id = ?", id).Scan(&v).Error)
+		return v
+	}
+	const first, done = "UPDATE mc SET n = n + 1 WHERE id = 1", "UPDATE mc SET n = n + 10 WHERE id = 1"
+
+	// The next run's fence holds: one row, and the first run committed.
+	firstN, nextN, execErr, commitErr, beginErr, err := async.MariaCommitForTest(d.DB, first, done, "UPDATE mc SET n = n + 1 WHERE id = 2")
+	require.NoError(t, err)
+	require.NoError(t, execErr)
+	require.NoError(t, commitErr)
+	require.NoError(t, beginErr)
+	assert.EqualValues(t, 1, firstN)
+	assert.EqualValues(t, 1, nextN, "the next fence's row")
+	assert.Equal(t, 11, n(1), "committed")
+	assert.Equal(t, 0, n(2), "the next run's transaction rolled back")
+
+	// The next run's fence finds nothing.
+	_, nextN, execErr, _, beginErr, err = async.MariaCommitForTest(d.DB, first, done, "UPDATE mc SET n = n + 1 WHERE id = 3")
+	require.NoError(t, err)
+	require.NoError(t, execErr)
+	require.NoError(t, beginErr)
+	assert.EqualValues(t, 0, nextN, "a lost fence")
+	assert.Equal(t, 22, n(1))
+
+	// The next run's start fails after the COMMIT: the run committed.
+	_, _, execErr, commitErr, beginErr, err = async.MariaCommitForTest(d.DB, first, done, "UPDATE mc_missing SET n = 1 WHERE id = 2")
+	require.NoError(t, err)
+	require.NoError(t, execErr, "the run's own part succeeded")
+	require.NoError(t, commitErr)
+	require.Error(t, beginErr, "the next run's start failed")
+	assert.Equal(t, 33, n(1), "committed before the failure")
+
+	// The completion fails before the COMMIT: nothing of the run commits.
+	_, _, execErr, _, beginErr, err = async.MariaCommitForTest(d.DB, first, "UPDATE mc_missing SET n = 1 WHERE id = 1", "UPDATE mc SET n = n + 1 WHERE id = 2")
+	require.NoError(t, err)
+	require.Error(t, execErr, "the completion failed")
+	require.NoError(t, beginErr)
+	assert.Equal(t, 33, n(1), "the run rolled back")
+	assert.Equal(t, 0, n(2))
+}
