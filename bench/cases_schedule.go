@@ -11,8 +11,9 @@ import (
 
 // Scheduling: jobs/s of async.Schedule, one job per transaction and many
 // jobs in one transaction, next to raw database/sql inserts of the same rows
-// into a copy of async_job, at the same concurrency. Each pair runs back to
-// back on fresh tables. On Postgres the one-job-per-transaction baseline
+// into a copy of async_job, at the same concurrency, on fresh tables: the
+// one-job pair in alternating rounds (scheduleAt), the many-job pair back to
+// back. On Postgres the one-job-per-transaction baseline
 // inserts into the copy with the library's NOTIFY trigger on it, as the
 // library's inserts fire it; the same loop without the trigger is a
 // diagnostic row next to it.
