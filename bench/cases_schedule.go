@@ -115,14 +115,15 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 		return err
 	}
 	e.trace.start()
-	if err := libRound(0); err != nil {
-		return err
-	}
-	if err := libRound(1); err != nil {
-		return err
+	err = libRound(0)
+	if err == nil {
+		err = libRound(1)
 	}
 	traced := e.trace.stop(int64((libs[0] + libs[1]) * half.Seconds()))
 	stop()
+	if err != nil {
+		return err
+	}
 	if err := rawRound(1); err != nil {
 		return err
 	}
