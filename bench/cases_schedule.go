@@ -77,9 +77,9 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 	// in the order baseline, Schedule, Schedule, baseline, and each rate is
 	// the mean of its two rounds: a drift across the pair (a checkpoint
 	// started by the cases before, the disk's flush latency) then weighs on
-	// both alike. Measured back to back instead, the baseline first, the
-	// full runs of two days gave 0.81x and 0.77x at c=1 where the case run
-	// alone gave 0.96x-1.06x. The notes' CPU figures are the first round's.
+	// both alike. Measured back to back instead, the baseline first, two
+	// full runs gave 0.81x and 0.77x at c=1 where the case run alone gave
+	// 0.96x-1.06x. The notes' CPU figures are the first round's.
 	half := cfg.duration / 2
 	var raws, libs [2]float64
 	var rawNote1, note1 string
