@@ -281,10 +281,8 @@ func pause(ctx context.Context, d time.Duration) {
 // profileWindow writes a CPU profile to path of the span from after to
 // after+span from now, cut short if ctx ends.
 func profileWindow(ctx context.Context, path string, after, span time.Duration) {
-	select {
-	case <-ctx.Done():
+	if pause(ctx, after); ctx.Err() != nil {
 		return
-	case <-time.After(after):
 	}
 	stop, err := startProfile(path)
 	if err != nil {
@@ -292,8 +290,5 @@ func profileWindow(ctx context.Context, path string, after, span time.Duration) 
 		return
 	}
 	defer stop()
-	select {
-	case <-ctx.Done():
-	case <-time.After(span):
-	}
+	pause(ctx, span)
 }
