@@ -83,34 +83,32 @@ func (d *dbRun) scheduleAt(ctx context.Context, c int) error {
 	half := cfg.duration / 2
 	var raws, libs [2]float64
 	var rawNote1, note1 string
-	rawRound := func(i int) error {
-		r, note, err := rawInsertRate(ctx, e, c, 1, half)
-		if err != nil {
-			return fmt.Errorf("raw insert: %w", err)
+	// round measures round i into rates[i], keeping the first round's note.
+	round := func(what string, rates *[2]float64, firstNote *string, measure func() (float64, string, error)) func(int) error {
+		return func(i int) error {
+			r, note, err := measure()
+			if err != nil {
+				return fmt.Errorf("%s: %w", what, err)
+			}
+			if i == 0 {
+				*firstNote = note
+			}
+			rates[i] = r
+			return nil
 		}
-		if i == 0 {
-			rawNote1 = note
-		}
-		raws[i] = r
-		return nil
 	}
+	rawRound := round("raw insert", &raws, &rawNote1, func() (float64, string, error) {
+		return rawInsertRate(ctx, e, c, 1, half)
+	})
 	stop := d.profileCase(fmt.Sprintf("schedule-1 c=%d", c))
-	libRound := func(i int) error {
-		r, note, err := loopCPU(ctx, c, half, func(ctx context.Context, _ int) (int, error) {
+	libRound := round("schedule one per tx", &libs, &note1, func() (float64, string, error) {
+		return loopCPU(ctx, c, half, func(ctx context.Context, _ int) (int, error) {
 			return 1, db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
 				_, err := async.Schedule(tx, taskNoop)
 				return err
 			})
 		})
-		if err != nil {
-			return fmt.Errorf("schedule one per tx: %w", err)
-		}
-		if i == 0 {
-			note1 = note
-		}
-		libs[i] = r
-		return nil
-	}
+	})
 	if err := rawRound(0); err != nil {
 		return err
 	}
