@@ -1,6 +1,7 @@
 package async
 
 import (
+	"context"
 	"fmt"
 
 	"gorm.io/gorm"
@@ -13,7 +14,11 @@ func Retry(db *gorm.DB, id int64) error {
 	if err != nil {
 		return err
 	}
-	return p.serialize(func() error {
+	ctx := db.Statement.Context
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	return p.serializeEntry(ctx, fmt.Sprintf("retrying job %d", id), func() error {
 		res := db.Session(&gorm.Session{NewDB: true}).Exec("UPDATE "+jobTable+
 			" SET failed = NULL, cancelled = NULL, attempts = 0, scheduled = NULL, locked_by = '', locked_until = NULL"+
 			" WHERE id = ? AND executed IS NULL AND (failed IS NOT NULL OR cancelled IS NOT NULL)", id)

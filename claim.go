@@ -219,7 +219,7 @@ func (p *Plugin) failExhausted(ctx context.Context, ids []int64, owner string, n
 // claimByID claims one job for Job.Execute, whatever its schedule.
 func (p *Plugin) claimByID(ctx context.Context, id int64, owner string, lease time.Duration) (*Job, error) {
 	var job Job
-	err := p.serialize(func() error {
+	err := p.serializeEntry(ctx, fmt.Sprintf("executing job %d", id), func() error {
 		return retryDeadlock(ctx, func() error {
 			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
 				now := p.now()

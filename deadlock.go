@@ -50,3 +50,11 @@ func isDeadlock(err error) bool {
 	}
 	return false
 }
+
+// txAborted reports whether err says that the transaction was already
+// aborted by an earlier failed statement (Postgres, SQLSTATE 25P02): the
+// statement that failed is not the one at fault.
+func txAborted(err error) bool {
+	var pg interface{ SQLState() string }
+	return errors.As(err, &pg) && pg.SQLState() == "25P02"
+}

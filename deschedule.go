@@ -2,6 +2,7 @@ package async
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -29,7 +30,10 @@ import (
 // SKIP LOCKED, and on SQLite (one writer at a time), Deschedule waits until a
 // run has ended instead, and cancels the job only if it is still pending
 // then (its run failed and it waits for a retry). A job claimed but not yet
-// started is cancelled, and its run is skipped.
+// started is cancelled, and its run is skipped; with group commit, whose
+// batches do not lock their rows, a job cancelled while its batch runs may
+// still have its task called, but its writes never commit and it stays
+// cancelled.
 func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 	p, err := pluginOf(tx)
 	if err != nil {
@@ -53,7 +57,11 @@ func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 		err = work(db)
 	} else {
 		// A plain handle: lock and update in one short transaction of our own.
-		err = p.serialize(func() error {
+		ctx := db.Statement.Context
+		if ctx == nil {
+			ctx = context.Background()
+		}
+		err = p.serializeEntry(ctx, "deschedule "+job.String(), func() error {
 			return db.Transaction(func(t *gorm.DB) error {
 				if e := p.dialect.beginWrite(t); e != nil {
 					return e
@@ -61,6 +69,9 @@ func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 				return work(t)
 			})
 		})
+	}
+	if errors.Is(err, ErrWriterBusy) {
+		return 0, err // says what waited
 	}
 	if err != nil {
 		return 0, fmt.Errorf("async: deschedule %s: %w", job.String(), err)

@@ -35,6 +35,9 @@ type dialect struct {
 	// singleWriter is true for SQLite: one write transaction at a time, so the
 	// plugin serialises its own writers in-process.
 	singleWriter bool
+	// busyWait is how long an entry point (Retry, Deschedule, FlushQueue,
+	// Job.Execute) waits for this process's SQLite writer (writerWait).
+	busyWait time.Duration
 	// pipeline is true on Postgres through pgx (dialect_pgx.go).
 	pipeline bool
 	// txns, where set, holds runs' transactions on connections, BEGIN and
@@ -97,6 +100,11 @@ func detectDialect(db *gorm.DB) (*dialect, error) {
 		if err := db.Raw("SELECT sqlite_version()").Scan(&d.version).Error; err != nil {
 			return nil, fmt.Errorf("async: reading sqlite version: %w", err)
 		}
+		var busyMS int64
+		if err := db.Raw("PRAGMA busy_timeout").Scan(&busyMS).Error; err != nil {
+			return nil, fmt.Errorf("async: reading sqlite busy_timeout: %w", err)
+		}
+		d.busyWait = writerWait(time.Duration(busyMS) * time.Millisecond)
 	default:
 		return nil, errorf(ErrUnsupportedDialect, "%q (supported: postgres, mysql, sqlite)", name)
 	}

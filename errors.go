@@ -5,8 +5,12 @@ import (
 	"fmt"
 )
 
-// Sentinel errors. Every error returned by this package wraps one of these (or
-// an error from the database driver), so callers can test with errors.Is.
+// Sentinel errors. The errors this package returns for a caller's mistake or
+// a job's outcome wrap one of these, and any error they were caused by (a
+// JSON encoding error, the database driver's error), so callers can test
+// them with errors.Is and errors.As. Errors from the database itself are
+// returned wrapped with what the library was doing; a task's own error, as
+// FlushQueue and Job.Execute return it, is the task's.
 var (
 	// ErrNilDB is returned when a nil *gorm.DB handle is passed.
 	ErrNilDB = errors.New("async: nil *gorm.DB handle")
@@ -35,7 +39,9 @@ var (
 	// no retry. Wrap it with Permanent.
 	ErrPermanent = errors.New("async: permanent failure")
 	// ErrAttemptsExhausted is recorded when a job's attempts run out without a
-	// recorded error, for example because its worker process died each time.
+	// recorded error, for example because its worker process died each time,
+	// or its runs could not start or record their failure (the database
+	// unreachable or locked).
 	ErrAttemptsExhausted = errors.New("async: attempts exhausted")
 	// ErrJobNotFound is returned when a job id does not exist.
 	ErrJobNotFound = errors.New("async: job not found")
@@ -47,16 +53,24 @@ var (
 	// ErrPoolTooSmall is returned by NewWorker when the connection pool cannot
 	// serve the requested concurrency.
 	ErrPoolTooSmall = errors.New("async: connection pool too small for worker concurrency")
-	// ErrGroupHasExecutedJobs is returned when a job is added to a group that
-	// already has executed or cancelled jobs.
-	ErrGroupHasExecutedJobs = errors.New("async: group already has executed or cancelled jobs")
+	// ErrGroupHasExecutedJobs is returned when a job is added to a group some
+	// of whose jobs, but not all, are already done (executed, cancelled or
+	// failed).
+	ErrGroupHasExecutedJobs = errors.New("async: group already has executed, cancelled or failed jobs")
 	// ErrGroupNotFound is returned when no group has the given reference.
 	ErrGroupNotFound = errors.New("async: group not found")
 	// ErrPartitionBusy is returned by FlushQueue when another run already holds
 	// the same --which/--outof partition.
 	ErrPartitionBusy = errors.New("async: another flush_queue holds this partition")
+	// ErrWriterBusy is returned on SQLite by Retry, Deschedule, FlushQueue
+	// and Job.Execute when this process's one writer stays busy longer than
+	// SQLite's busy_timeout (at least 5s): a job running in this process
+	// holds it, perhaps the job whose task made the call through another
+	// handle than its own.
+	ErrWriterBusy = errors.New("async: the database's writer is busy")
 	// ErrJobTransaction is returned when a task tries to commit or roll back
-	// its job's transaction, which commits with the job's completion.
+	// its job's transaction, which commits with the job's completion, and to
+	// a statement through a task's *gorm.DB after its run has ended.
 	ErrJobTransaction = errors.New("async: the job's transaction belongs to its run")
 	// ErrUnknownAlgorithm is returned for an unknown estimation algorithm.
 	ErrUnknownAlgorithm = errors.New("async: unknown estimation algorithm")

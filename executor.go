@@ -101,12 +101,29 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	}
 	var tx *runTxn
 	var inTx []int // jobs whose outcome commits with tx
+	shared := len(jobs)-first > 1
+	// Several jobs in one transaction: what a job's outcome wrote into its
+	// *Job (its claim cleared, a new schedule) holds only once tx commits.
+	// Until then a rollback must find each job as it was claimed, so that
+	// releasing it or recording its failure matches its claim.
+	var claimed []Job
+	if shared {
+		claimed = make([]Job, len(jobs))
+	}
+	undo := func(idx ...int) {
+		if shared {
+			for _, i := range idx {
+				*jobs[i] = claimed[i]
+			}
+		}
+	}
 	// abort rolls the transaction back: job k's failure is recorded apart;
 	// the others that ran in it are given back to run again.
 	abort := func(k int, t *task, err error, stack string) int {
 		if tx != nil {
 			tx.rollback()
 		}
+		undo(append(inTx, k)...)
 		p.releaseAll(bg, jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
 		out, err := p.afterBrokenTx(bg, jobs[k], t, err, stack)
 		setInfo(k, out, err)
@@ -117,7 +134,6 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	// (window.go).
 	win := p.batchWindow(bg, jobs, first, o.window)
 	defer win.stop()
-	shared := len(jobs)-first > 1
 	// The last job's completion is sent with the COMMIT.
 	var lastDone struct {
 		k       int
@@ -134,6 +150,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			break
 		}
 		job := jobs[k]
+		if shared {
+			claimed[k] = *job
+		}
 		infos[k].Started = time.Now()
 		now := p.now()
 		var fenced int64
@@ -172,10 +191,11 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 			}
 		}
-		t, result, err, stack := p.callTask(ctx, tx.db.WithContext(ctx), job, o.timeout)
+		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
+			undo(inTx...)
 			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
 			p.releaseUnstarted(bg, jobs[k+1:])
 			return len(jobs)
@@ -187,13 +207,16 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				k++
 				break
 			}
-			if _, err := tx.exec(completeSQL, now, done, result, job.ID); err != nil {
-				return abort(k, t, fmt.Errorf("async: completing job %d: %w", job.ID, err), stack)
+			_, cerr := tx.exec(completeSQL, now, done, result, job.ID)
+			if cerr == nil {
+				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
+				setInfo(k, OutcomeExecuted, nil)
+				inTx = append(inTx, k)
+				continue
 			}
-			job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
-			setInfo(k, OutcomeExecuted, nil)
-			inTx = append(inTx, k)
-			continue
+			// The job fails as if its task had: e.g. the task ignored the
+			// error of a statement that aborted its savepoint (Postgres).
+			err = fmt.Errorf("async: completing job %d: %w", job.ID, cerr)
 		}
 		if !shared {
 			return abort(k, t, err, stack) // rolls back, records the failure apart
@@ -240,6 +263,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		if err != nil {
 			// Which job made the commit fail is unknown: each records a failure.
 			tx.rollback()
+			undo(inTx...)
 			for _, i := range inTx {
 				out, e := p.afterBrokenTx(bg, jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
 				setInfo(i, out, e)
@@ -255,12 +279,20 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 // callTask runs the job's task under the per-job timeout; running out of
 // time is an error wrapping ErrTimeout. tx is the task's handle on the job's
 // transaction, with ctx as its context.
+//
+// The task's context ends when the task returns: database/sql then closes
+// a result set the task left open, which on a connection holding the run's
+// transaction (pgx, MariaDB) would otherwise keep the connection from being
+// committed, rolled back or closed, and its worker slot waiting for it.
 func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
-	taskCtx, cancel := ctx, context.CancelFunc(func() {})
+	var taskCtx context.Context
+	var cancel context.CancelFunc
 	if timeout > 0 {
 		taskCtx, cancel = context.WithTimeout(ctx, timeout)
-		tx = tx.WithContext(taskCtx)
+	} else {
+		taskCtx, cancel = context.WithCancel(ctx)
 	}
+	tx = tx.WithContext(taskCtx)
 	defer cancel()
 	t = lookupTask(job.Name)
 	result, err, stack = p.invoke(taskCtx, tx, job, t)

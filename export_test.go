@@ -215,3 +215,13 @@ func MariaCommitForTest(db *gorm.DB, first, q, next string) (firstN, nextN int64
 	m.rollback(ctx, conn)
 	return firstN, nextN, execErr, commitErr, beginErr, nil
 }
+
+// SetWriterWait sets how long db's plugin's entry points wait for its SQLite
+// writer (serializeEntry) before failing with ErrWriterBusy.
+func SetWriterWait(db *gorm.DB, d time.Duration) {
+	p, err := pluginOf(db)
+	if err != nil {
+		panic(err)
+	}
+	p.dialect.busyWait = d
+}

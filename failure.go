@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"gorm.io/gorm"
 )
@@ -36,9 +37,16 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 	return outcome, err
 }
 
+// claimHeld is recordFailure's test that the failed run's claim still
+// holds: the same owner and attempt, and the job still pending (it may have
+// been cancelled while its run's transaction was rolled back, or, with group
+// commit, while it ran).
+const claimHeld = "id = ? AND locked_by = ? AND attempts = ? AND " + stillPending
+
 // recordFailure writes the error row and reschedules the job, or ends it
 // failed when it is out of attempts or the error is permanent. It does
-// nothing if the job's claim was taken over.
+// nothing if the job's claim was taken over or the job is no longer
+// pending.
 func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, stack string) (Outcome, error) {
 	now := p.now()
 	var failures int64
@@ -50,13 +58,13 @@ func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, st
 	var res *gorm.DB
 	if errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts) {
 		outcome = OutcomeFailed
-		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
 			now, job.ID, job.LockedBy, job.Attempts)
 		job.Failed = &now
 	} else {
 		delay, prio := p.retryPolicy(t)(job, int(failures))
-		next := now.Add(delay)
-		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+		next := now.Add(delay).Truncate(time.Microsecond) // as stored
+		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
 			next, prio, job.ID, job.LockedBy, job.Attempts)
 		job.Scheduled, job.Priority = &next, prio
 	}

@@ -110,7 +110,7 @@ const lockTTL = 30 * time.Second
 func (p *Plugin) acquireLock(ctx context.Context, name, owner string) (release func(), err error) {
 	now := p.now()
 	db := p.session(ctx)
-	err = p.serialize(func() error {
+	err = p.serializeEntry(ctx, "flush_queue", func() error {
 		res := db.Exec("UPDATE "+lockTable+" SET owner = ?, expires = ? WHERE name = ? AND expires < ?", owner, now.Add(lockTTL), name, now)
 		if res.Error != nil || res.RowsAffected == 1 {
 			return res.Error
@@ -122,7 +122,7 @@ func (p *Plugin) acquireLock(ctx context.Context, name, owner string) (release f
 		return res.Error
 	})
 	if err != nil {
-		if errors.Is(err, ErrPartitionBusy) {
+		if errors.Is(err, ErrPartitionBusy) || errors.Is(err, ErrWriterBusy) {
 			return nil, err
 		}
 		return nil, fmt.Errorf("async: taking lock %q: %w", name, err)

@@ -14,8 +14,11 @@ import (
 // fails, or a claim was lost, the transaction is rolled back and the jobs go
 // through the careful path (runTx: one savepoint per job, so that a failure
 // rolls back only its own job); the failing job's error is recorded without
-// running it again. Tasks that already ran in the rolled-back transaction run
-// again, which the at-least-once guarantee for external effects allows.
+// running it again, unless the error says that an earlier task had left the
+// transaction aborted (Postgres): then the failing job runs again with the
+// others, so that the failure is recorded against the job that caused it.
+// Tasks that already ran in the rolled-back transaction run again, which the
+// at-least-once guarantee for external effects allows.
 
 // runOptimistic runs jobs[first:] in one transaction and returns the index
 // of the first job it did not take.
@@ -40,10 +43,6 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		}
 		return upto
 	}
-	// One handle on the transaction, with the tasks' context, for all of
-	// the batch's tasks: a session, which their statements do not change;
-	// an error a task leaves on it (AddError) is cleared before the next.
-	taskDB := tx.db.WithContext(ctx)
 	var results []string
 	var starts []time.Time
 	k := first
@@ -54,8 +53,9 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		taskDB.Error = nil
-		t, result, err, stack := p.callTask(ctx, taskDB, job, o.timeout)
+		// Each task gets a handle of its own (callTask): an error one task
+		// leaves on it (AddError) does not reach the next.
+		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()
@@ -65,6 +65,14 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 				infos[i].Duration = time.Since(infos[i].Started)
 			}
 			return len(jobs)
+		}
+		if err != nil && k > first && txAborted(err) {
+			// An earlier task of the batch left the transaction aborted
+			// (it ignored the error of a statement that failed), and this
+			// job is not at fault: all of them up to this one run again,
+			// each in a savepoint of its own, where the failure falls on
+			// the job that caused it.
+			return careful(k + 1)
 		}
 		if err != nil {
 			// Record this failure on its own, then redo the others carefully.

@@ -101,14 +101,31 @@ func groupOpen(db *gorm.DB, g *Group) (bool, error) {
 // job of the group is executed, cancelled or failed. A group whose only job
 // is its final job runs it at once. Setting a final job again replaces the
 // earlier one as the group's final job (the earlier job stays in the group).
+//
+// On a plain handle the job and its place as the final job commit together,
+// so that no worker finds it as an ordinary member in between.
 func OnCompletion(tx *gorm.DB, reference string, task any, opts ...Option) (*Job, error) {
-	job, err := Schedule(tx, task, append(opts, InGroup(reference))...)
+	p, err := pluginOf(tx)
 	if err != nil {
 		return nil, err
 	}
-	err = tx.Session(&gorm.Session{NewDB: true}).Model(&Group{}).Where("id = ?", *job.GroupID).Update("final_id", job.ID).Error
+	if tx.Error != nil {
+		return nil, fmt.Errorf("async: on completion of group %q: the handle already carries an error: %w", reference, tx.Error)
+	}
+	var job *Job
+	err = p.atomically(tx.Session(&gorm.Session{NewDB: true}), func(db *gorm.DB) error {
+		j, err := Schedule(db, task, append(opts, InGroup(reference))...)
+		if err != nil {
+			return err
+		}
+		if err := db.Model(&Group{}).Where("id = ?", *j.GroupID).Update("final_id", j.ID).Error; err != nil {
+			return fmt.Errorf("async: setting final job of group %q: %w", reference, err)
+		}
+		job = j
+		return nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("async: setting final job of group %q: %w", reference, err)
+		return nil, err
 	}
 	return job, nil
 }

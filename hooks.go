@@ -12,21 +12,22 @@ type Outcome string
 
 // Run outcomes reported to AfterRun hooks.
 const (
-	// OutcomeExecuted: the task succeeded; its writes committed with the job's completion.
+	// OutcomeExecuted means the task succeeded; its writes committed with the job's completion.
 	OutcomeExecuted Outcome = "executed"
-	// OutcomeRetry: the task failed; its writes were rolled back, the error was
+	// OutcomeRetry means the task failed; its writes were rolled back, the error was
 	// recorded and the job will run again later. If the database could not
 	// be reached to record the error, Err still carries it, no error row is
 	// written, and the job runs again once its lease expires (the attempt
 	// counted).
 	OutcomeRetry Outcome = "retry"
-	// OutcomeFailed: the task failed and the job ended in the terminal failed state.
+	// OutcomeFailed means the task failed and the job ended in the terminal failed state.
 	OutcomeFailed Outcome = "failed"
-	// OutcomeInterrupted: a shutdown cancelled the task; its writes were rolled
+	// OutcomeInterrupted means a shutdown cancelled the task; its writes were rolled
 	// back and the job stays runnable, its attempt not counted.
 	OutcomeInterrupted Outcome = "interrupted"
-	// OutcomeSkipped: the job was not run, because it was cancelled or another
-	// worker took over its claim before it started.
+	// OutcomeSkipped means the job was not run, because it was cancelled or
+	// another worker took over its claim before it started; or that its run
+	// failed (Err) after either happened, so that no failure was recorded.
 	OutcomeSkipped Outcome = "skipped"
 )
 

@@ -23,6 +23,7 @@ const (
 // Job is a scheduled call of a registered task: the GORM model of table
 // async_job. A job is pending while Executed, Cancelled and Failed are all nil.
 type Job struct {
+	// ID is the job's id, assigned when it is inserted.
 	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
 	// Name is the registered task name.
 	Name string `gorm:"size:191;not null" json:"name"`
@@ -87,7 +88,9 @@ func (j *Job) String() string { return textForm(j.Name, j.Args, j.Kwargs) }
 
 // JobError is one recorded failure of a job: the GORM model of table async_error.
 type JobError struct {
-	ID    int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	// ID is the error row's id.
+	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	// JobID is the job that failed.
 	JobID int64 `gorm:"not null;index:async_error_job" json:"job_id"`
 	// Executed is when the failure was recorded (the reference's column name).
 	Executed time.Time `gorm:"precision:6;not null" json:"executed"`
@@ -105,11 +108,18 @@ func (JobError) TableName() string { return errorTable }
 
 // Group collects jobs under a reference; its Final job runs after all others.
 type Group struct {
-	ID          int64     `gorm:"primaryKey;autoIncrement" json:"id"`
-	Reference   string    `gorm:"size:191;not null;index:async_group_reference;uniqueIndex:async_group_generation,priority:1" json:"reference"`
-	Description *string   `gorm:"type:text" json:"description"`
-	Created     time.Time `gorm:"precision:6;not null" json:"created"`
-	FinalID     *int64    `gorm:"index:async_group_final" json:"final_id"`
+	// ID is the group's id (Job.GroupID).
+	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	// Reference is the name InGroup and OnCompletion find the group by;
+	// its generations share it.
+	Reference string `gorm:"size:191;not null;index:async_group_reference;uniqueIndex:async_group_generation,priority:1" json:"reference"`
+	// Description is free text for the application.
+	Description *string `gorm:"type:text" json:"description"`
+	// Created is when the group was created.
+	Created time.Time `gorm:"precision:6;not null" json:"created"`
+	// FinalID is the job that runs once all the group's others are done
+	// (OnCompletion), if any.
+	FinalID *int64 `gorm:"index:async_group_final" json:"final_id"`
 	// Generation numbers the groups the library creates under a reference
 	// (1, 2, ...), unique per reference, so that two transactions that
 	// start the same generation at once end up in one group. Groups an

@@ -53,9 +53,9 @@ type Plugin struct {
 	hints   claimHints // where claims' reads start (claim_hint.go)
 	// released counts the jobs this process gave back unstarted (tests).
 	released atomic.Int64
-	// writeMu serialises this process's writing transactions on SQLite,
-	// which has a single database-wide writer.
-	writeMu sync.Mutex
+	// writer serialises this process's writing transactions on SQLite,
+	// which has a single database-wide writer: a token, held while sent.
+	writer chan struct{}
 }
 
 // Name returns "async", the plugin's name in gorm.Config.Plugins.
@@ -69,6 +69,7 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 		return err
 	}
 	p.db, p.dialect = db, d
+	p.writer = make(chan struct{}, 1)
 	if p.Logger == nil {
 		p.Logger = slog.Default()
 	}
@@ -139,13 +140,49 @@ func (p *Plugin) session(ctx context.Context) *gorm.DB {
 }
 
 // serialize runs fn holding the in-process writer lock where the database
-// has a single writer.
+// has a single writer, waiting for it as long as it takes: the worker's and
+// FlushQueue's own steps, whose holders end.
 func (p *Plugin) serialize(fn func() error) error {
 	if p.dialect.singleWriter {
-		p.writeMu.Lock()
-		defer p.writeMu.Unlock()
+		p.writer <- struct{}{}
+		defer func() { <-p.writer }()
 	}
 	return fn()
+}
+
+// serializeEntry is serialize for the first step of an entry point an
+// application (or a task) calls: Retry, Deschedule, FlushQueue,
+// Job.Execute. It waits for the writer lock at most the dialect's busyWait,
+// or until ctx ends, and then fails with ErrWriterBusy, as SQLite fails a
+// writer after its busy_timeout. A task that calls one of them through a
+// handle other than its own would otherwise wait for its own run, which
+// holds the lock, for ever.
+func (p *Plugin) serializeEntry(ctx context.Context, what string, fn func() error) error {
+	if !p.dialect.singleWriter {
+		return fn()
+	}
+	select {
+	case p.writer <- struct{}{}:
+	default:
+		t := time.NewTimer(p.dialect.busyWait)
+		defer t.Stop()
+		select {
+		case p.writer <- struct{}{}:
+		case <-ctx.Done():
+			return fmt.Errorf("async: %s: waiting for this process's SQLite writer: %w", what, context.Cause(ctx))
+		case <-t.C:
+			return errorf(ErrWriterBusy, "%s: this process's SQLite writer stayed busy for %s (a running job holds it; a task must write through the *gorm.DB it is given)",
+				what, p.dialect.busyWait)
+		}
+	}
+	defer func() { <-p.writer }()
+	return fn()
+}
+
+// writerWait is how long serializeEntry waits, given SQLite's busy_timeout:
+// as long, and at least 5s.
+func writerWait(busyTimeout time.Duration) time.Duration {
+	return max(busyTimeout, 5*time.Second)
 }
 
 // notifier wakes idle workers of this process.

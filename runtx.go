@@ -3,6 +3,8 @@ package async
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
+	"fmt"
 	"sync/atomic"
 
 	"gorm.io/gorm"
@@ -60,10 +62,66 @@ type runConn struct {
 	tx      *sql.Tx   // generic: a database/sql transaction
 	conn    *sql.Conn // connTxns: a connection with a transaction open
 	hasJobs atomic.Bool
+	// ended is set once the run's transaction has ended. The connection
+	// may then carry the next run's transaction (runChain): a task's handle
+	// kept past its run must not reach it.
+	ended atomic.Bool
 }
+
+// errRunEnded is what a statement through a task's handle gets once its
+// job's run has ended.
+var errRunEnded = fmt.Errorf("%w: the job's run has ended; a task's *gorm.DB is valid only while the task runs", ErrJobTransaction)
+
+// endedRow is QueryRowContext's answer after a run's end: a *sql.Row
+// carrying errRunEnded, which only database/sql can make, from a pool whose
+// one attempt to connect fails with it.
+func endedRow(ctx context.Context, q string, args ...any) *sql.Row {
+	db := sql.OpenDB(endedConnector{})
+	defer db.Close()
+	// Not the task's context, which has ended too: its error would say less.
+	return db.QueryRowContext(context.WithoutCancel(ctx), q, args...)
+}
+
+type endedConnector struct{}
+
+func (endedConnector) Connect(context.Context) (driver.Conn, error) { return nil, errRunEnded }
+func (endedConnector) Driver() driver.Driver                        { return nil }
 
 // GetDBConn lets gorm.DB.DB() find the *sql.DB.
 func (c *runConn) GetDBConn() (*sql.DB, error) { return c.sqlDB, nil }
+
+// ExecContext runs a statement in the run's transaction while it lasts.
+func (c *runConn) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {
+	if c.ended.Load() {
+		return nil, errRunEnded
+	}
+	return c.ConnPool.ExecContext(ctx, q, args...)
+}
+
+// QueryContext runs a query in the run's transaction while it lasts.
+func (c *runConn) QueryContext(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
+	if c.ended.Load() {
+		return nil, errRunEnded
+	}
+	return c.ConnPool.QueryContext(ctx, q, args...)
+}
+
+// QueryRowContext runs a query in the run's transaction while it lasts.
+func (c *runConn) QueryRowContext(ctx context.Context, q string, args ...any) *sql.Row {
+	if c.ended.Load() {
+		return endedRow(ctx, q, args...)
+	}
+	return c.ConnPool.QueryRowContext(ctx, q, args...)
+}
+
+// PrepareContext prepares a statement in the run's transaction while it
+// lasts.
+func (c *runConn) PrepareContext(ctx context.Context, q string) (*sql.Stmt, error) {
+	if c.ended.Load() {
+		return nil, errRunEnded
+	}
+	return c.ConnPool.PrepareContext(ctx, q)
+}
 
 // Commit refuses: the job's transaction commits with the job's completion.
 func (c *runConn) Commit() error {
@@ -132,7 +190,7 @@ func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 	if t.rc != nil && t.rc.conn != nil {
 		execErr, commitErr, _, _ = t.p.dialect.txns.commit(t.ctx, t.rc.conn, q, args, "", nil)
 		if execErr == nil && commitErr == nil {
-			t.ended = true
+			t.end()
 			_ = t.rc.conn.Close()
 		}
 	} else {
@@ -146,7 +204,9 @@ func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 		} else {
 			commitErr = t.db.Commit().Error
 		}
-		t.ended = commitErr == nil
+		if commitErr == nil {
+			t.end()
+		}
 	}
 	if t.ended && t.rc != nil && t.rc.hasJobs.Load() {
 		t.p.wakers.broadcast()
@@ -169,7 +229,7 @@ func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []a
 	if execErr != nil || commitErr != nil {
 		return execErr, commitErr, nil, 0 // the caller rolls back what is open
 	}
-	t.ended = true
+	t.end()
 	if t.rc.hasJobs.Load() {
 		t.p.wakers.broadcast()
 	}
@@ -178,6 +238,15 @@ func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []a
 		return nil, nil, nil, 0
 	}
 	return nil, nil, t.p.connTxn(t.ctx, conn), nextN
+}
+
+// end marks the run's transaction ended, for the library and for its
+// tasks' handles.
+func (t *runTxn) end() {
+	t.ended = true
+	if t.rc != nil {
+		t.rc.ended.Store(true)
+	}
 }
 
 // commit commits the run's transaction.
@@ -195,7 +264,7 @@ func (t *runTxn) rollback() {
 	if t.ended {
 		return
 	}
-	t.ended = true
+	t.end()
 	switch {
 	case t.rc == nil:
 		t.db.Rollback()

@@ -86,21 +86,51 @@ func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
 		return nil, fmt.Errorf("async: schedule %s: the handle already carries an error: %w", job.Name, tx.Error)
 	}
 	db := tx.Session(&gorm.Session{NewDB: true})
-	if job.groupRef != "" {
-		if job.GroupID, err = p.joinGroup(db, job.groupRef); err != nil {
-			return nil, err
-		}
-	}
 	// ScheduleMany's insert, for one row: one statement whose text does not
 	// change. GORM's Create built the INSERT from the model's schema at
 	// every call (140 allocations against 64, BenchmarkSchedule) and, on a
 	// plain handle, wrapped it in a transaction of its own (three round
 	// trips against one).
 	rows := []Job{job.Job}
-	if err := p.insertJobs(db, rows, 0); err != nil {
-		return nil, fmt.Errorf("async: schedule %s: %w", job.Name, err)
+	insert := func(db *gorm.DB) error {
+		if err := p.insertJobs(db, rows, 0); err != nil {
+			return fmt.Errorf("async: schedule %s: %w", job.Name, err)
+		}
+		return nil
+	}
+	if job.groupRef == "" {
+		err = insert(db)
+	} else {
+		// The group and the job: both or neither.
+		err = p.atomically(db, func(db *gorm.DB) error {
+			var err error
+			if rows[0].GroupID, err = p.joinGroup(db, job.groupRef); err != nil {
+				return err
+			}
+			return insert(db)
+		})
+	}
+	if err != nil {
+		return nil, err
 	}
 	return &rows[0], nil
+}
+
+// atomically runs work in db's transaction or, on a plain handle, in a
+// short transaction of its own (on SQLite taking the write lock first), so
+// that work's statements commit together. (Unlike Deschedule's, it does not
+// queue behind this process's other SQLite writers: a task that schedules
+// through a plain handle instead of its own would wait for itself.)
+func (p *Plugin) atomically(db *gorm.DB, work func(db *gorm.DB) error) error {
+	if _, inTx := db.Statement.ConnPool.(gorm.TxCommitter); inTx {
+		return work(db)
+	}
+	return db.Transaction(func(t *gorm.DB) error {
+		if err := p.dialect.beginWrite(t); err != nil {
+			return err
+		}
+		return work(t)
+	})
 }
 
 // newJobRow is a job ready to insert, with its group reference.
@@ -141,7 +171,7 @@ func (p *Plugin) buildJob(j *Job, task any, opts []Option, prev *Job) (string, e
 	for i, a := range spec.args {
 		b, err := json.Marshal(a)
 		if err != nil {
-			return "", errorf(ErrBadArguments, "task %s argument %d (%T) is not JSON-encodable: %v", name, i+1, a, err)
+			return "", errorf(ErrBadArguments, "task %s argument %d (%T) is not JSON-encodable: %w", name, i+1, a, err)
 		}
 		args[i] = b
 	}
@@ -149,7 +179,7 @@ func (p *Plugin) buildJob(j *Job, task any, opts []Option, prev *Job) (string, e
 	for k, v := range spec.kwargs {
 		b, err := json.Marshal(v)
 		if err != nil {
-			return "", errorf(ErrBadArguments, "task %s keyword argument %s (%T) is not JSON-encodable: %v", name, k, v, err)
+			return "", errorf(ErrBadArguments, "task %s keyword argument %s (%T) is not JSON-encodable: %w", name, k, v, err)
 		}
 		kwargs[k] = b
 	}
@@ -171,7 +201,7 @@ func (p *Plugin) buildJob(j *Job, task any, opts []Option, prev *Job) (string, e
 	if spec.meta != nil {
 		b, err := json.Marshal(spec.meta)
 		if err != nil {
-			return "", errorf(ErrBadArguments, "task %s meta is not JSON-encodable: %v", name, err)
+			return "", errorf(ErrBadArguments, "task %s meta is not JSON-encodable: %w", name, err)
 		}
 		meta = string(b)
 	}

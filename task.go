@@ -208,7 +208,7 @@ func (t *task) decodeArgs(in []reflect.Value, args []json.RawMessage, kwargs map
 	for i, raw := range args {
 		p := reflect.New(t.params[i])
 		if err := json.Unmarshal(raw, p.Interface()); err != nil {
-			return nil, errorf(ErrBadArguments, "task %s argument %d does not fit parameter type %s: %v", t.name, i+1, t.params[i], err)
+			return nil, errorf(ErrBadArguments, "task %s argument %d does not fit parameter type %s: %w", t.name, i+1, t.params[i], err)
 		}
 		in = append(in, p.Elem())
 	}
@@ -220,12 +220,12 @@ func (t *task) decodeArgs(in []reflect.Value, args []json.RawMessage, kwargs map
 func (t *task) call(ctx context.Context, tx *gorm.DB, argsJSON, kwargsJSON string) (result string, err error) {
 	var args []json.RawMessage
 	if err := json.Unmarshal([]byte(argsJSON), &args); err != nil {
-		return "", errorf(ErrBadArguments, "task %s: stored args are not a JSON array: %v", t.name, err)
+		return "", errorf(ErrBadArguments, "task %s: stored args are not a JSON array: %w", t.name, err)
 	}
 	var kw map[string]json.RawMessage
 	if kwargsJSON != "" && kwargsJSON != "{}" {
 		if err := json.Unmarshal([]byte(kwargsJSON), &kw); err != nil {
-			return "", errorf(ErrBadArguments, "task %s: stored kwargs are not a JSON object: %v", t.name, err)
+			return "", errorf(ErrBadArguments, "task %s: stored kwargs are not a JSON object: %w", t.name, err)
 		}
 	}
 	in := make([]reflect.Value, 2, len(t.params)+3)
@@ -239,7 +239,7 @@ func (t *task) call(ctx context.Context, tx *gorm.DB, argsJSON, kwargsJSON strin
 		for key, raw := range kw {
 			var v any
 			if err := json.Unmarshal(raw, &v); err != nil {
-				return "", errorf(ErrBadArguments, "task %s keyword %s: %v", t.name, key, err)
+				return "", errorf(ErrBadArguments, "task %s keyword %s: %w", t.name, key, err)
 			}
 			k[key] = v
 		}
@@ -254,7 +254,7 @@ func (t *task) call(ctx context.Context, tx *gorm.DB, argsJSON, kwargsJSON strin
 	}
 	b, err := json.Marshal(out[0].Interface())
 	if err != nil {
-		return "", errorf(ErrBadResult, "task %s: %v", t.name, err)
+		return "", errorf(ErrBadResult, "task %s: %w", t.name, err)
 	}
 	return string(b), nil
 }

@@ -14,7 +14,10 @@ import (
 // queue at once instead, for other runners to take: a slow job holds the
 // jobs behind it back at most the window. Jobs that merely did not fit stay
 // with their runner rather than go round the queue: a release and a claim
-// again for each, and (on MySQL) the claim hints forgotten.
+// again for each, and (on MySQL) the claim hints forgotten. On SQLite the
+// window only closes the transaction: its one writer is the batch's
+// transaction until it commits, so no other runner could start the jobs
+// sooner, and the release itself would wait for the commit.
 
 // window is one transaction's window over jobs[first:].
 type window struct {
@@ -55,6 +58,10 @@ func (w *window) fire() {
 		return
 	}
 	w.closed = true
+	if w.p.dialect.singleWriter {
+		w.mu.Unlock()
+		return
+	}
 	if wait := w.d - time.Since(w.since); wait > 0 {
 		w.timer.Reset(wait) // the running job is not slow yet
 		w.mu.Unlock()

@@ -55,7 +55,8 @@ type WorkerOptions struct {
 	// running ends, and the batch's other jobs go on in a new transaction.
 	// If that job has itself run this long, they go back to the queue at
 	// once for other runners instead, so a slow job holds the others back at
-	// most this long. The worker sizes its batches (at most BatchSize) to the
+	// most this long (not on SQLite, where the batch's transaction is the
+	// one writer until it commits). The worker sizes its batches (at most BatchSize) to the
 	// jobs that start within the window at the pace of its recent batches.
 	// Default: 50ms. Used only when BatchSize > 1.
 	BatchWindow time.Duration

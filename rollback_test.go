@@ -1,0 +1,191 @@
+package async_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
+
+	"github.com/gormasync/async"
+)
+
+// What a run leaves when its transaction is rolled back, or when its job
+// was cancelled meanwhile: the job as it was claimed, given back or left
+// cancelled, and failures charged to the job that caused them.
+
+// ignoreFailedInsert runs an INSERT that fails and ignores its error: on
+// Postgres the statement aborts the transaction (or savepoint) it runs in.
+func ignoreFailedInsert(ctx context.Context, tx *gorm.DB, key string) error {
+	_ = tx.Exec("INSERT INTO no_such_table_here (x) VALUES (1)").Error
+	return nil
+}
+
+func init() { async.MustRegister(ignoreFailedInsert) }
+
+// Group commit's careful path completes jobs one by one in a shared
+// transaction; when that transaction is then rolled back (here at shutdown),
+// every job completed in it goes back to the queue as it was claimed, its
+// attempt uncounted, not just the job that was running.
+func TestSharedTransactionRollbackReleasesJobsCompletedInIt(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		ka, kb, kc, kd := newKey(t, "a"), newKey(t, "b"), newKey(t, "c"), newKey(t, "d")
+		started := make(chan int64, 10)
+		on(t, kb, func(ctx context.Context, run int64) error {
+			if run == 1 {
+				return nil // the optimistic pass
+			}
+			started <- run // the careful pass, after c failed: block until shutdown
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		on(t, kc, func(ctx context.Context, run int64) error { return errors.New("c fails") })
+		a := scheduleCtl(t, d.DB, ka)
+		b := scheduleCtl(t, d.DB, kb)
+		scheduleCtl(t, d.DB, kc)
+		scheduleCtl(t, d.DB, kd)
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 4, BatchWindow: time.Minute,
+			ShutdownTimeout: 200 * time.Millisecond, Lease: time.Hour, PollInterval: 20 * time.Millisecond})
+		recv(t, started, time.Minute, "b's careful run to start")
+		stop()
+
+		for _, j := range []*async.Job{getJob(t, d.DB, a.ID), getJob(t, d.DB, b.ID)} {
+			assert.True(t, j.Pending(), "job %d: its completion was rolled back", j.ID)
+			assert.Equal(t, "", j.LockedBy, "job %d released", j.ID)
+			assert.Nil(t, j.LockedUntil, "job %d not leased", j.ID)
+			assert.Equal(t, 0, j.Attempts, "job %d: attempt uncounted", j.ID)
+		}
+		assert.Zero(t, effects(t, d.DB, ka), "a's write rolled back with its completion")
+		assert.Zero(t, effects(t, d.DB, kb))
+	})
+}
+
+// A job cancelled while its run goes on (group commit does not lock a
+// batch's rows) stays cancelled when the run then fails: it is not also
+// marked failed or rescheduled, and it gets no error row.
+func TestFailureOfCancelledJobLeavesItCancelled(t *testing.T) {
+	eachServerDB(t, "Deschedule must commit while a group-commit batch runs", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		kx, ky := newKey(t, "x"), newKey(t, "y")
+		on(t, kx, func(ctx context.Context, run int64) error {
+			if run == 1 {
+				n, err := async.Deschedule(d.DB, ctlTask, async.Args(kx)) // another connection: commits at once
+				if err != nil || n != 1 {
+					t.Errorf("Deschedule: n=%d err=%v", n, err)
+				}
+			}
+			return async.Permanent(errors.New("x fails for good"))
+		})
+		x := scheduleCtl(t, d.DB, kx)
+		scheduleCtl(t, d.DB, ky)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+		// y runs after x's failure is handled, in the same slot.
+		waitFor(t, 30*time.Second, "y to run", func() bool { return effects(t, d.DB, ky) == 1 })
+
+		gx := getJob(t, d.DB, x.ID)
+		require.NotNil(t, gx.Cancelled, "x was descheduled")
+		assert.Nil(t, gx.Failed, "a cancelled job is not also failed")
+		assert.Equal(t, 5, gx.Priority, "nor rescheduled")
+		assert.Zero(t, count(t, d.DB, "async_error", "job_id = ?", x.ID), "no error row for a cancelled job")
+		assert.Zero(t, effects(t, d.DB, kx))
+		rep, err := async.Health(d.DB)
+		require.NoError(t, err)
+		q := rep.Queue
+		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+	})
+}
+
+// On Postgres a task that ignores a failed statement's error leaves its
+// transaction aborted. In a group-commit batch the next task's statements
+// then fail too; the failure is charged to the job that caused it, and the
+// next job runs and succeeds. The batch's careful pass, which finds the
+// culprit, keeps the jobs it completed before it: w runs twice (the
+// optimistic pass, the careful one), not a third time.
+func TestGroupCommitChargesTheJobThatAbortedTheTransaction(t *testing.T) {
+	d := newTestDB(t, "postgres", nil)
+	migrateApp(t, d)
+	kw, ky := newKey(t, "w"), newKey(t, "y")
+	w := scheduleCtl(t, d.DB, kw)
+	x, err := async.Schedule(d.DB, ignoreFailedInsert, async.Args("x"), async.MaxAttempts(1))
+	require.NoError(t, err)
+	y := scheduleCtl(t, d.DB, ky, async.MaxAttempts(1))
+	startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 3, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+	waitJob(t, d.DB, y.ID, 30*time.Second, "y executed", executed)
+
+	assert.Zero(t, count(t, d.DB, "async_error", "job_id = ?", y.ID), "y did nothing wrong")
+	assert.EqualValues(t, 1, effects(t, d.DB, ky))
+	assert.NotNil(t, getJob(t, d.DB, w.ID).Executed)
+	assert.EqualValues(t, 1, effects(t, d.DB, kw))
+	assert.EqualValues(t, 2, runCount(kw), "w completed in the careful pass, before x")
+	gx := getJob(t, d.DB, x.ID)
+	require.NotNil(t, gx.Failed, "x, which broke the transaction, ends failed (one attempt)")
+	var e async.JobError
+	require.NoError(t, d.DB.Where("job_id = ?", x.ID).Take(&e).Error)
+	assert.Contains(t, e.Exception, "25P02", "x's error is the aborted transaction its task left")
+}
+
+// OnCompletion on a plain handle commits the job and its place as the
+// group's final job together: a flush_queue that runs between its
+// statements does not find it as an ordinary member of the group.
+func TestOnCompletionOnPlainHandleIsOneTransaction(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		other := secondHandle(t, d, d.DSN, nil) // another process's flush_queue
+		ka, kf := newKey(t, "member"), newKey(t, "final")
+		scheduleCtl(t, d.DB, ka, async.InGroup("g1"), async.RunAfter(d.Clock.Now().Add(time.Hour)))
+		flushed := make(chan error, 1)
+		fired := false
+		// Before the statement that makes the job the group's final job.
+		require.NoError(t, d.DB.Callback().Update().Before("gorm:update").Register("test:flush_between", func(tx *gorm.DB) {
+			if tx.Statement.Table != "async_group" || fired {
+				return
+			}
+			fired = true
+			go func() { _, err := async.FlushQueue(other, async.FlushOptions{}); flushed <- err }()
+			if d.Kind != "sqlite" {
+				// A server: the flush waits for nothing.
+				require.NoError(t, <-flushed)
+			} // SQLite: the flush waits for the write lock this transaction holds.
+		}))
+		final, err := async.OnCompletion(d.DB, "g1", ctlTask, async.Args(kf))
+		require.NoError(t, err)
+		require.True(t, fired)
+		if d.Kind == "sqlite" {
+			require.NoError(t, recv(t, flushed, time.Minute, "the flush"))
+		}
+		assert.Zero(t, effects(t, d.DB, kf), "the final job did not run while its group's other job is pending")
+		assert.Zero(t, effects(t, d.DB, ka))
+		assert.True(t, getJob(t, d.DB, final.ID).Pending())
+	})
+}
+
+// A failed run's new schedule, as the job handed to AfterRun holds it, is
+// the one stored: a retry policy's delay finer than the microsecond that
+// the databases keep is cut to it, as the run's other times are.
+func TestFailureScheduleIsTheStoredOne(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			infos := make(chan async.RunInfo, 4)
+			d := newTestDB(t, kind, &async.Plugin{
+				RetryPolicy: func(j *async.Job, n int) (time.Duration, int) { return time.Hour + 1500*time.Nanosecond, j.Priority },
+				AfterRun:    func(_ context.Context, info async.RunInfo) { infos <- info },
+			})
+			migrateApp(t, d)
+			key := newKey(t, "fails")
+			on(t, key, func(ctx context.Context, run int64) error { return errors.New("fails") })
+			job := scheduleCtl(t, d.DB, key)
+			_, err := async.FlushQueue(d.DB, async.FlushOptions{})
+			require.Error(t, err)
+			info := recv(t, infos, time.Minute, "the failed run")
+			require.Equal(t, async.OutcomeRetry, info.Outcome)
+			stored := getJob(t, d.DB, job.ID)
+			require.NotNil(t, stored.Scheduled)
+			require.NotNil(t, info.Job.Scheduled)
+			assert.True(t, info.Job.Scheduled.Equal(*stored.Scheduled), "reported %s, stored %s", info.Job.Scheduled, stored.Scheduled)
+		})
+	}
+}
