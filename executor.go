@@ -191,7 +191,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 			}
 		}
-		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
+		tctx, tdb, endTask := tx.startTask(ctx)
+		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
+		endTask()
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
@@ -278,21 +280,13 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 
 // callTask runs the job's task under the per-job timeout; running out of
 // time is an error wrapping ErrTimeout. tx is the task's handle on the job's
-// transaction, with ctx as its context.
-//
-// The task's context ends when the task returns: database/sql then closes
-// a result set the task left open, which on a connection holding the run's
-// transaction (pgx, MariaDB) would otherwise keep the connection from being
-// committed, rolled back or closed, and its worker slot waiting for it.
+// transaction, with ctx as its context (runTxn.startTask).
 func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
-	var taskCtx context.Context
-	var cancel context.CancelFunc
+	taskCtx, cancel := ctx, context.CancelFunc(func() {})
 	if timeout > 0 {
 		taskCtx, cancel = context.WithTimeout(ctx, timeout)
-	} else {
-		taskCtx, cancel = context.WithCancel(ctx)
+		tx = tx.WithContext(taskCtx)
 	}
-	tx = tx.WithContext(taskCtx)
 	defer cancel()
 	t = lookupTask(job.Name)
 	result, err, stack = p.invoke(taskCtx, tx, job, t)

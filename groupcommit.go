@@ -53,9 +53,9 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		// Each task gets a handle of its own (callTask): an error one task
-		// leaves on it (AddError) does not reach the next.
-		t, result, err, stack := p.callTask(ctx, tx.db, job, o.timeout)
+		tctx, tdb, endTask := tx.startTask(ctx)
+		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
+		endTask()
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()

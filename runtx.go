@@ -6,6 +6,7 @@ import (
 	"database/sql/driver"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"gorm.io/gorm"
 )
@@ -50,6 +51,13 @@ type runTxn struct {
 	db    *gorm.DB
 	rc    *runConn
 	ended bool
+	// tasks is the context of the run's tasks, ended with the transaction
+	// by stopTasks; taskDB is their handle on the transaction, whose
+	// context taskCtx is the running task's (startTask).
+	tasks     context.Context
+	stopTasks context.CancelFunc
+	taskCtx   *taskContext
+	taskDB    *gorm.DB
 }
 
 // runConn is the connection pool of a run's *gorm.DB: the run's *sql.Tx, or
@@ -240,12 +248,64 @@ func (t *runTxn) commitThenBegin(q string, args []any, next string, nextArgs []a
 	return nil, nil, t.p.connTxn(t.ctx, conn), nextN
 }
 
+// startTask returns the context of a task about to run in the run's
+// transaction, the task's handle on it, and the function that ends the
+// context when the task returns: database/sql then closes a result set the
+// task left open, which on a connection holding the run's transaction (pgx,
+// MariaDB) would otherwise keep the run's next statement from running and
+// the connection from being closed, and the worker slot waiting for it. An
+// error a task left on the handle (AddError) is cleared for the next.
+//
+// One handle serves all the run's tasks, its context switching to the
+// running task's (taskContext): a *gorm.DB per task would cost a clone of
+// its statement each, which showed in group commit's CPU per job.
+func (t *runTxn) startTask(ctx context.Context) (context.Context, *gorm.DB, context.CancelFunc) {
+	if t.taskDB == nil {
+		t.tasks, t.stopTasks = context.WithCancel(ctx)
+		t.taskCtx = &taskContext{Context: t.tasks}
+		t.taskDB = t.db.WithContext(t.taskCtx)
+	}
+	t.taskDB.Error = nil
+	c, cancel := context.WithCancel(t.tasks)
+	t.taskCtx.cur.Store(&c)
+	return c, t.taskDB, cancel
+}
+
+// taskContext is a run's tasks' handle's context: the last task's own
+// context (startTask), or before any task the run's.
+type taskContext struct {
+	context.Context
+	cur atomic.Pointer[context.Context]
+}
+
+func (c *taskContext) current() context.Context {
+	if p := c.cur.Load(); p != nil {
+		return *p
+	}
+	return c.Context
+}
+
+// Deadline is the running task's.
+func (c *taskContext) Deadline() (time.Time, bool) { return c.current().Deadline() }
+
+// Done is the running task's.
+func (c *taskContext) Done() <-chan struct{} { return c.current().Done() }
+
+// Err is the running task's.
+func (c *taskContext) Err() error { return c.current().Err() }
+
+// Value is the running task's.
+func (c *taskContext) Value(key any) any { return c.current().Value(key) }
+
 // end marks the run's transaction ended, for the library and for its
-// tasks' handles.
+// tasks' handles, and ends its tasks' context.
 func (t *runTxn) end() {
 	t.ended = true
 	if t.rc != nil {
 		t.rc.ended.Store(true)
+	}
+	if t.stopTasks != nil {
+		t.stopTasks()
 	}
 }
 

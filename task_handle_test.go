@@ -95,8 +95,12 @@ func TestTaskHandleEndsWithItsRun(t *testing.T) {
 		ran := make(chan error, 1)
 		go func() { ran <- w.Run(ctx) }()
 		recv(t, started, time.Minute, "A to start")
-		// B waits ready in the worker, so that A's commit begins B's run.
-		waitFor(t, time.Minute, "B claimed ahead", func() bool { return claimedAhead(t, d.DB, []*async.Job{b}) == 1 })
+		if d.Kind != "sqlite" {
+			// B waits ready in the worker, so that A's commit begins B's
+			// run. (On SQLite a claim waits for the one writer, which A's
+			// run holds, and runs do not chain.)
+			waitFor(t, time.Minute, "B claimed ahead", func() bool { return claimedAhead(t, d.DB, []*async.Job{b}) == 1 })
+		}
 		close(release)
 		s := recv(t, strays, time.Minute, "B to run")
 		waitJob(t, d.DB, b.ID, time.Minute, "B", executed)
