@@ -114,7 +114,9 @@ func (p *Plugin) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
 // values for a statement's rows in the order they are inserted, which is the
 // order of the VALUES list (or of the ORDER BY). Elsewhere, as GORM does,
 // MySQL's LAST_INSERT_ID is the first row's id and the others follow it by
-// one (InnoDB allocates a multi-row INSERT's values at once), and SQLite's
+// the session's auto_increment_increment (InnoDB allocates a multi-row
+// INSERT's values at once; the step is one unless a replication topology,
+// such as Galera, set it; GORM assumes one), and SQLite's
 // last_insert_rowid is the last row's id (a single writer: the rows get
 // consecutive ids).
 func (d *dialect) insertJobs(db *gorm.DB, jobs []Job, m insertMethod) error {
@@ -242,7 +244,16 @@ func (d *dialect) insertValues(db *gorm.DB, jobs []Job, returning bool) error {
 	if returning {
 		return queryIDs(db, jobs, b.String(), vals...)
 	}
-	return execIDs(db, jobs, b.String(), d.kind == kindSQLite, vals...)
+	step := int64(1)
+	if d.kind == kindMySQL && len(jobs) > 1 {
+		// A multi-row INSERT's ids are first, first+step, ...: the step is
+		// the session's auto_increment_increment, 1 unless a replication
+		// topology (Galera, group replication) set it.
+		if err := db.Statement.ConnPool.QueryRowContext(db.Statement.Context, "SELECT @@auto_increment_increment").Scan(&step); err != nil {
+			return fmt.Errorf("async: reading auto_increment_increment: %w", err)
+		}
+	}
+	return execIDs(db, jobs, b.String(), d.kind == kindSQLite, step, vals...)
 }
 
 // queryIDs runs an INSERT ... RETURNING id of len(jobs) rows and gives the
@@ -277,8 +288,9 @@ func queryIDs(db *gorm.DB, jobs []Job, query string, args ...any) (err error) {
 }
 
 // execIDs runs an INSERT of len(jobs) rows and sets the ids from the last
-// insert id: the last row's when lastIsLast (SQLite), else the first's.
-func execIDs(db *gorm.DB, jobs []Job, query string, lastIsLast bool, args ...any) (err error) {
+// insert id: the last row's when lastIsLast (SQLite), else the first's; the
+// rows' ids are step apart.
+func execIDs(db *gorm.DB, jobs []Job, query string, lastIsLast bool, step int64, args ...any) (err error) {
 	begin := time.Now()
 	var n int64
 	defer func() { traceInsert(db, begin, query, n, err) }()
@@ -297,10 +309,10 @@ func execIDs(db *gorm.DB, jobs []Job, query string, lastIsLast bool, args ...any
 		return err
 	}
 	if lastIsLast {
-		id -= n - 1
+		id -= (n - 1) * step
 	}
 	for i := range jobs {
-		jobs[i].ID = id + int64(i)
+		jobs[i].ID = id + int64(i)*step
 	}
 	return nil
 }

@@ -338,3 +338,55 @@ func BenchmarkSchedule(b *testing.B) {
 		})
 	}
 }
+
+// Concurrent ScheduleMany calls with groups on a plain handle all succeed:
+// on SQLite their transactions, which read the groups before they write,
+// take the write lock first (as Schedule's do), where a read transaction's
+// upgrade to a writer fails at once if another connection wrote meanwhile.
+func TestConcurrentScheduleManyWithGroups(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		var wg sync.WaitGroup
+		errs := make(chan error, 80)
+		for g := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for r := range 10 {
+					_, err := async.ScheduleMany(d.DB,
+						async.Task(writeEffect, async.Args(fmt.Sprintf("g%d-r%d-a", g, r), 1), async.InGroup(fmt.Sprintf("ref-%d-%d", g, r))),
+						async.Task(writeEffect, async.Args(fmt.Sprintf("g%d-r%d-b", g, r), 2)))
+					errs <- err
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		assert.EqualValues(t, 160, count(t, d.DB, "async_job", ""))
+		assert.EqualValues(t, 80, count(t, d.DB, "async_group", ""))
+	})
+}
+
+// MySQL's multi-row INSERT without RETURNING (MySQL, MariaDB before 10.5)
+// gives its rows ids auto_increment_increment apart, which replication
+// topologies (Galera, group replication) set above one: the ids ScheduleMany
+// returns are still the rows'.
+func TestScheduleManyIDsFollowAutoIncrementIncrement(t *testing.T) {
+	d := newTestDB(t, "mysql", nil)
+	migrateApp(t, d)
+	db := secondHandle(t, d, d.DSN+"&auto_increment_increment=3", nil) // as a three-node Galera cluster's sessions
+	calls := make([]async.Call, 5)
+	for i := range calls {
+		calls[i] = async.Task(writeEffect, async.Args(fmt.Sprintf("step-%d", i), i))
+	}
+	jobs, err := async.ScheduleManyWith("lastid", db, calls...)
+	require.NoError(t, err)
+	for i, j := range jobs {
+		var args string
+		require.NoError(t, d.DB.Table("async_job").Select("args").Where("id = ?", j.ID).Scan(&args).Error)
+		assert.Equal(t, fmt.Sprintf(`["step-%d",%d]`, i, i), args, "job %d: returned id %d", i, j.ID)
+	}
+}

@@ -278,7 +278,17 @@ func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 		return nil, fmt.Errorf("async: schedule many: the handle already carries an error: %w", tx.Error)
 	}
 	db := tx.Session(&gorm.Session{NewDB: true})
+	_, inTx := db.Statement.ConnPool.(gorm.TxCommitter)
+	// In a transaction, a savepoint: a failed chunk takes the others back
+	// with it even if the caller commits anyway.
 	err = db.Transaction(func(db *gorm.DB) error {
+		if !inTx && refs != nil {
+			// Its own transaction reads groups before it writes: on SQLite
+			// it takes the write lock first (beginWrite).
+			if err := p.dialect.beginWrite(db); err != nil {
+				return err
+			}
+		}
 		groups := map[string]*int64{}
 		for i, ref := range refs {
 			if ref == "" {
