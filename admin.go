@@ -18,7 +18,7 @@ func Retry(db *gorm.DB, id int64) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	return p.serializeEntry(ctx, fmt.Sprintf("retrying job %d", id), func() error {
+	err = p.serializeEntry(ctx, fmt.Sprintf("retrying job %d", id), func() error {
 		res := db.Session(&gorm.Session{NewDB: true}).Exec("UPDATE "+jobTable+
 			" SET failed = NULL, cancelled = NULL, attempts = 0, scheduled = NULL, locked_by = '', locked_until = NULL"+
 			" WHERE id = ? AND executed IS NULL AND (failed IS NOT NULL OR cancelled IS NOT NULL)", id)
@@ -34,4 +34,15 @@ func Retry(db *gorm.DB, id int64) error {
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// The job runs at once: wake idle workers, here and elsewhere.
+	p.wakers.broadcast()
+	if q := p.dialect.notifySQL(); q != "" {
+		if err := db.Session(&gorm.Session{NewDB: true}).Exec(q).Error; err != nil {
+			p.Logger.Warn("async: retry: could not notify other processes' workers; they find the job at their next poll", "job", id, "error", err)
+		}
+	}
+	return nil
 }

@@ -51,6 +51,10 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 		if fs.Parse(rest) != nil {
 			return 2
 		}
+		if fs.NArg() != 0 {
+			fmt.Fprintf(stderr, "flush_queue: unexpected argument %q\n", fs.Arg(0))
+			return 2
+		}
 		if queues != "" {
 			o.Queues = strings.Split(queues, ",")
 		}
@@ -60,6 +64,9 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 		case errors.Is(err, ErrPartitionBusy):
 			fmt.Fprintln(stdout, "Lock is already set, aborting.")
 			return 0
+		case errors.Is(err, ErrBadOption) && n == 0:
+			fmt.Fprintf(stderr, "flush_queue: %v\n", err)
+			return 2
 		case err != nil:
 			fmt.Fprintf(stderr, "flush_queue: %d job(s) ran; stopped: %v\n", n, err)
 			return 1
@@ -74,6 +81,10 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 		fs.StringVar(&algorithm, "algorithm", AlgorithmPrecise, "estimation algorithm: rough or precise")
 		fs.StringVar(&algorithm, "a", AlgorithmPrecise, "shorthand for --algorithm")
 		if fs.Parse(rest) != nil {
+			return 2
+		}
+		if fs.NArg() != 0 {
+			fmt.Fprintf(stderr, "queue_health: unexpected argument %q\n", fs.Arg(0))
 			return 2
 		}
 		rep, err := Health(db, Algorithm(algorithm))
@@ -95,10 +106,11 @@ func RunCommand(ctx context.Context, db *gorm.DB, args []string, stdout, stderr 
 			return 2
 		}
 		id, err := strconv.ParseInt(fs.Arg(0), 10, 64)
-		if err == nil {
-			err = Retry(db, id)
-		}
 		if err != nil {
+			fmt.Fprintf(stderr, "usage: retry JOB_ID (%q is not a job id)\n", fs.Arg(0))
+			return 2
+		}
+		if err = Retry(db, id); err != nil {
 			fmt.Fprintf(stderr, "retry: %v\n", err)
 			return 1
 		}

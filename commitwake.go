@@ -20,20 +20,29 @@ type wakePool struct {
 	p *Plugin
 }
 
-// installCommitWake wraps db's pool. Pools other than a plain *sql.DB (for
-// example GORM's prepared-statement mode) are left as they are: workers then
-// rely on NOTIFY and polling.
+// installCommitWake wraps db's pool, a plain *sql.DB or the one under GORM's
+// prepared-statement mode, and returns it. Other pools (a resolver's, say)
+// are left as they are, and it returns nil: transactions committed through
+// them wake no worker of this process, which then relies on NOTIFY and
+// polling.
 func installCommitWake(db *gorm.DB, p *Plugin) *sql.DB {
-	sqlDB, ok := db.ConnPool.(*sql.DB)
-	if !ok {
-		return nil
+	switch pool := db.ConnPool.(type) {
+	case *sql.DB:
+		wp := &wakePool{DB: pool, p: p}
+		db.ConnPool = wp
+		if db.Statement != nil && db.Statement.ConnPool == pool {
+			db.Statement.ConnPool = wp
+		}
+		return pool
+	case *gorm.PreparedStmtDB:
+		// Its statements still run through it; its transactions begin on
+		// the pool it wraps, and come back wrapped (PreparedStmtTX).
+		if sqlDB, ok := pool.ConnPool.(*sql.DB); ok {
+			pool.ConnPool = &wakePool{DB: sqlDB, p: p}
+			return sqlDB
+		}
 	}
-	wp := &wakePool{DB: sqlDB, p: p}
-	db.ConnPool = wp
-	if db.Statement != nil && db.Statement.ConnPool == sqlDB {
-		db.Statement.ConnPool = wp
-	}
-	return sqlDB
+	return nil
 }
 
 // GetDBConn lets gorm.DB.DB() find the *sql.DB.
@@ -72,7 +81,18 @@ func (p *Plugin) afterCreate(db *gorm.DB) {
 	if db.Error != nil || db.Statement.RowsAffected == 0 || db.Statement.Schema == nil || db.Statement.Schema.Table != jobTable {
 		return
 	}
-	switch c := db.Statement.ConnPool.(type) {
+	p.jobsInserted(db)
+}
+
+// jobsInserted marks the transaction of db's pool as having inserted jobs,
+// so that its commit wakes this process's idle workers, or wakes them at
+// once when the insert committed already (autocommit).
+func (p *Plugin) jobsInserted(db *gorm.DB) {
+	pool := db.Statement.ConnPool
+	if ps, ok := pool.(*gorm.PreparedStmtTX); ok {
+		pool = ps.Tx // GORM's prepared-statement mode
+	}
+	switch c := pool.(type) {
 	case *wakeTx:
 		c.hasJobs.Store(true)
 	case *runConn:
@@ -93,7 +113,10 @@ func (w *Worker) listen(ctx context.Context) {
 	}
 	retry := newBackoff()
 	for ctx.Err() == nil {
-		err := p.dialect.listen(ctx, sqlDB, retry.reset, p.wakers.broadcast)
+		// Once listening, a claim: a job committed while no LISTEN was in
+		// place (at start, or while reconnecting) sent its NOTIFY to no one.
+		ready := func() { retry.reset(); p.wakers.broadcast() }
+		err := p.dialect.listen(ctx, sqlDB, ready, p.wakers.broadcast)
 		if ctx.Err() != nil {
 			return
 		}

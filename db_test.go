@@ -77,9 +77,15 @@ func testLogger() *slog.Logger {
 // installed (plugin may be nil for the defaults).
 func newTestDB(t testing.TB, kind string, plugin *async.Plugin) *testDB {
 	t.Helper()
+	return newTestDBWith(t, kind, nil, plugin)
+}
+
+// newTestDBWith is newTestDB with the gorm.Config shaped by shape.
+func newTestDBWith(t testing.TB, kind string, shape func(*gorm.Config), plugin *async.Plugin) *testDB {
+	t.Helper()
 	dsn := createDatabase(t, kind)
 	d := &testDB{Kind: kind, DSN: dsn, Clock: &testClock{}}
-	d.DB = openDB(t, kind, dsn, d.Clock)
+	d.DB = openDBWith(t, kind, dsn, d.Clock, shape)
 	if plugin == nil {
 		plugin = &async.Plugin{}
 	}
@@ -92,9 +98,18 @@ func newTestDB(t testing.TB, kind string, plugin *async.Plugin) *testDB {
 
 func openDB(t testing.TB, kind, dsn string, clock *testClock) *gorm.DB {
 	t.Helper()
+	return openDBWith(t, kind, dsn, clock, nil)
+}
+
+// openDBWith is openDB with the gorm.Config shaped by shape, if not nil.
+func openDBWith(t testing.TB, kind, dsn string, clock *testClock, shape func(*gorm.Config)) *gorm.DB {
+	t.Helper()
 	cfg := &gorm.Config{Logger: logger.Default.LogMode(logger.Silent)}
 	if clock != nil {
 		cfg.NowFunc = clock.Now
+	}
+	if shape != nil {
+		shape(cfg)
 	}
 	var dial gorm.Dialector
 	switch kind {

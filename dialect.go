@@ -170,6 +170,16 @@ func (d *dialect) fence(job *Job, now time.Time) (string, []any) {
 	return "SELECT id FROM " + jobTable + where + " FOR UPDATE", []any{job.ID, job.LockedBy, job.Attempts}
 }
 
+// guardCompletion returns q, a statement that completes jobs in their run's
+// transaction, made to fail where it can tell that the transaction is gone:
+// on MariaDB with compound statements (mariaInTxGuard).
+func (d *dialect) guardCompletion(q string) string {
+	if d.fenceWrites() {
+		return "BEGIN NOT ATOMIC " + mariaInTxGuard + q + "; END"
+	}
+	return q
+}
+
 // fenceWrites reports whether fence writes the start time: on MariaDB with
 // compound statements.
 func (d *dialect) fenceWrites() bool {
@@ -284,6 +294,16 @@ func (d *dialect) claimTxOptions() *sql.TxOptions {
 		return &sql.TxOptions{Isolation: sql.LevelReadCommitted}
 	}
 	return nil
+}
+
+// notifySQL wakes other processes' listening workers (Postgres), for jobs
+// made runnable by an UPDATE, which the insert trigger does not see; ""
+// elsewhere.
+func (d *dialect) notifySQL() string {
+	if d.kind == kindPostgres {
+		return "SELECT pg_notify('" + notifyChannel + "', '')"
+	}
+	return ""
 }
 
 // canListen reports whether listen can deliver commit-time notifications.

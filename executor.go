@@ -73,6 +73,14 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 		return nil
 	})
 	for i := range infos {
+		if j := infos[i].Job; j.GroupID != nil && (infos[i].Outcome == OutcomeExecuted || infos[i].Outcome == OutcomeFailed) {
+			// The group's final job may be runnable now: idle workers of
+			// this process claim at once (others at their next poll).
+			p.wakers.broadcast()
+			break
+		}
+	}
+	for i := range infos {
 		if infos[i].Outcome == "" {
 			continue // released unstarted
 		}
@@ -209,7 +217,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				k++
 				break
 			}
-			_, cerr := tx.exec(completeSQL, now, done, result, job.ID)
+			_, cerr := tx.exec(p.dialect.guardCompletion(completeSQL), now, done, result, job.ID)
 			if cerr == nil {
 				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
 				setInfo(k, OutcomeExecuted, nil)

@@ -96,7 +96,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	done := p.now()
 	q, args := p.dialect.completeAllSQL(batch, starts, results, done)
 	// Not sent with the COMMIT: the count must be checked first.
-	n, err := tx.exec(q, args...)
+	n, err := tx.exec(p.dialect.guardCompletion(q), args...)
 	if err != nil || n != int64(len(batch)) {
 		return careful(k) // a claim was lost, or the database failed: go job by job
 	}

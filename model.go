@@ -24,45 +24,45 @@ const (
 // async_job. A job is pending while Executed, Cancelled and Failed are all nil.
 type Job struct {
 	// ID is the job's id, assigned when it is inserted.
-	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	ID int64 `gorm:"column:id;primaryKey;autoIncrement" json:"id"`
 	// Name is the registered task name.
-	Name string `gorm:"size:191;not null" json:"name"`
+	Name string `gorm:"column:name;size:191;not null" json:"name"`
 	// Queue is the queue the job is served from ("default" unless set).
-	Queue string `gorm:"size:100;not null" json:"queue"`
+	Queue string `gorm:"column:queue;size:100;not null" json:"queue"`
 	// Args is the JSON array of positional arguments.
-	Args string `gorm:"type:text;not null" json:"args"`
+	Args string `gorm:"column:args;type:text;not null" json:"args"`
 	// Kwargs is the JSON object of keyword arguments.
-	Kwargs string `gorm:"type:text;not null" json:"kwargs"`
+	Kwargs string `gorm:"column:kwargs;type:text;not null" json:"kwargs"`
 	// Meta is free JSON for the application; the library stores it only.
-	Meta string `gorm:"type:text;not null" json:"meta"`
+	Meta string `gorm:"column:meta;type:text;not null" json:"meta"`
 	// Result is the JSON encoding of the task's result once executed.
-	Result string `gorm:"type:text" json:"result"`
+	Result string `gorm:"column:result;type:text" json:"result"`
 	// Priority orders runnable jobs: higher runs first. Default 5.
-	Priority int `gorm:"not null" json:"priority"`
+	Priority int `gorm:"column:priority;not null" json:"priority"`
 	// Identity is the SHA-1 of the job's text form (name and arguments).
-	Identity string `gorm:"size:40;not null" json:"identity"`
+	Identity string `gorm:"column:identity;size:40;not null" json:"identity"`
 	// Added is when the job was scheduled.
-	Added time.Time `gorm:"precision:6;not null" json:"added"`
+	Added time.Time `gorm:"column:added;precision:6;not null" json:"added"`
 	// Scheduled is the earliest time the job may run; nil means as soon as possible.
-	Scheduled *time.Time `gorm:"precision:6" json:"scheduled"`
+	Scheduled *time.Time `gorm:"column:scheduled;precision:6" json:"scheduled"`
 	// Started is when the successful run started (committed with Executed).
-	Started *time.Time `gorm:"precision:6" json:"started"`
+	Started *time.Time `gorm:"column:started;precision:6" json:"started"`
 	// Executed is when the job completed successfully.
-	Executed *time.Time `gorm:"precision:6" json:"executed"`
+	Executed *time.Time `gorm:"column:executed;precision:6" json:"executed"`
 	// Cancelled is when the job was descheduled.
-	Cancelled *time.Time `gorm:"precision:6" json:"cancelled"`
+	Cancelled *time.Time `gorm:"column:cancelled;precision:6" json:"cancelled"`
 	// Failed is when the job ended in the terminal failed state.
-	Failed *time.Time `gorm:"precision:6" json:"failed"`
+	Failed *time.Time `gorm:"column:failed;precision:6" json:"failed"`
 	// Attempts counts the runs started, including the one in progress.
-	Attempts int `gorm:"not null" json:"attempts"`
+	Attempts int `gorm:"column:attempts;not null" json:"attempts"`
 	// MaxAttempts is how many runs the job gets; zero or less means unlimited.
-	MaxAttempts int `gorm:"not null" json:"max_attempts"`
+	MaxAttempts int `gorm:"column:max_attempts;not null" json:"max_attempts"`
 	// LockedUntil is the lease of the worker that claimed the job.
-	LockedUntil *time.Time `gorm:"precision:6" json:"locked_until"`
+	LockedUntil *time.Time `gorm:"column:locked_until;precision:6" json:"locked_until"`
 	// LockedBy identifies the claim that holds the lease ("" when free).
-	LockedBy string `gorm:"size:64;not null" json:"locked_by"`
+	LockedBy string `gorm:"column:locked_by;size:64;not null" json:"locked_by"`
 	// GroupID is the job's group, if any.
-	GroupID *int64 `json:"group_id"`
+	GroupID *int64 `gorm:"column:group_id" json:"group_id"`
 }
 
 // TableName returns "async_job".
@@ -89,15 +89,15 @@ func (j *Job) String() string { return textForm(j.Name, j.Args, j.Kwargs) }
 // JobError is one recorded failure of a job: the GORM model of table async_error.
 type JobError struct {
 	// ID is the error row's id.
-	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	ID int64 `gorm:"column:id;primaryKey;autoIncrement" json:"id"`
 	// JobID is the job that failed.
-	JobID int64 `gorm:"not null;index:async_error_job" json:"job_id"`
+	JobID int64 `gorm:"column:job_id;not null;index:async_error_job" json:"job_id"`
 	// Executed is when the failure was recorded (the reference's column name).
-	Executed time.Time `gorm:"precision:6;not null" json:"executed"`
+	Executed time.Time `gorm:"column:executed;precision:6;not null" json:"executed"`
 	// Exception is the error text, prefixed by its Go type.
-	Exception string `gorm:"type:text;not null" json:"exception"`
+	Exception string `gorm:"column:exception;type:text;not null" json:"exception"`
 	// Traceback is the goroutine stack and the chain of wrapped errors.
-	Traceback string `gorm:"type:text;not null" json:"traceback"`
+	Traceback string `gorm:"column:traceback;type:text;not null" json:"traceback"`
 }
 
 // AfterFind presents the error's time in UTC.
@@ -109,22 +109,22 @@ func (JobError) TableName() string { return errorTable }
 // Group collects jobs under a reference; its Final job runs after all others.
 type Group struct {
 	// ID is the group's id (Job.GroupID).
-	ID int64 `gorm:"primaryKey;autoIncrement" json:"id"`
+	ID int64 `gorm:"column:id;primaryKey;autoIncrement" json:"id"`
 	// Reference is the name InGroup and OnCompletion find the group by;
 	// its generations share it.
-	Reference string `gorm:"size:191;not null;index:async_group_reference;uniqueIndex:async_group_generation,priority:1" json:"reference"`
+	Reference string `gorm:"column:reference;size:191;not null;index:async_group_reference;uniqueIndex:async_group_generation,priority:1" json:"reference"`
 	// Description is free text for the application.
-	Description *string `gorm:"type:text" json:"description"`
+	Description *string `gorm:"column:description;type:text" json:"description"`
 	// Created is when the group was created.
-	Created time.Time `gorm:"precision:6;not null" json:"created"`
+	Created time.Time `gorm:"column:created;precision:6;not null" json:"created"`
 	// FinalID is the job that runs once all the group's others are done
 	// (OnCompletion), if any.
-	FinalID *int64 `gorm:"index:async_group_final" json:"final_id"`
+	FinalID *int64 `gorm:"column:final_id;index:async_group_final" json:"final_id"`
 	// Generation numbers the groups the library creates under a reference
 	// (1, 2, ...), unique per reference, so that two transactions that
 	// start the same generation at once end up in one group. Groups an
 	// application creates itself may leave it nil.
-	Generation *int64 `gorm:"uniqueIndex:async_group_generation,priority:2" json:"generation"`
+	Generation *int64 `gorm:"column:generation;uniqueIndex:async_group_generation,priority:2" json:"generation"`
 }
 
 // AfterFind presents the group's time in UTC.
@@ -135,9 +135,9 @@ func (Group) TableName() string { return groupTable }
 
 // partitionLock is a row of async_lock: a named lease held by one process.
 type partitionLock struct {
-	Name    string    `gorm:"primaryKey;size:191"`
-	Owner   string    `gorm:"size:64;not null"`
-	Expires time.Time `gorm:"precision:6;not null"`
+	Name    string    `gorm:"column:name;primaryKey;size:191"`
+	Owner   string    `gorm:"column:owner;size:64;not null"`
+	Expires time.Time `gorm:"column:expires;precision:6;not null"`
 }
 
 func (partitionLock) TableName() string { return lockTable }

@@ -119,3 +119,19 @@ func TestRunCommandQueueHealth(t *testing.T) {
 		assert.Equal(t, 2, code)
 	})
 }
+
+// Usage errors exit 2, as RunCommand's doc says: a JOB_ID that is not a
+// number, a negative --jobs or --outof, an argument a command does not take.
+func TestCLIUsageErrorsExit2(t *testing.T) {
+	d := newTestDB(t, "sqlite", nil)
+	for _, args := range [][]string{
+		{"retry", "abc"},
+		{"flush_queue", "--jobs", "-1"},
+		{"flush_queue", "--outof", "-1"},
+		{"flush_queue", "extra"},
+		{"queue_health", "extra"},
+	} {
+		code, _, errOut := run(d, args...)
+		assert.Equal(t, 2, code, "%v: %s", args, errOut)
+	}
+}

@@ -3,6 +3,8 @@ package async_test
 import (
 	"context"
 	"errors"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -188,4 +190,73 @@ func TestFailureScheduleIsTheStoredOne(t *testing.T) {
 			assert.True(t, info.Job.Scheduled.Equal(*stored.Scheduled), "reported %s, stored %s", info.Job.Scheduled, stored.Scheduled)
 		})
 	}
+}
+
+// deadlockPlan steers deadlockIgnored: it reports holding its first row
+// lock, waits for proceed, and reports the error of the statement that
+// deadlocks, which it does not return.
+type deadlockPlan struct {
+	holding, proceed chan struct{}
+	err              chan error
+}
+
+var deadlockPlans sync.Map // key -> *deadlockPlan
+
+func deadlockIgnored(ctx context.Context, tx *gorm.DB, key string) error {
+	v, _ := deadlockPlans.Load(key)
+	plan := v.(*deadlockPlan)
+	if err := tx.Create(&Effect{K: key + "/before"}).Error; err != nil {
+		return err
+	}
+	if err := tx.Exec("UPDATE dl_rows SET v = v + 1 WHERE id = 1").Error; err != nil {
+		return err
+	}
+	close(plan.holding)
+	<-plan.proceed
+	plan.err <- tx.Exec("UPDATE dl_rows SET v = v + 1 WHERE id = 2").Error // not returned
+	return tx.Create(&Effect{K: key + "/after"}).Error
+}
+
+func init() { async.MustRegister(deadlockIgnored) }
+
+// MariaDB: a deadlock rolls back the job's whole transaction, and the
+// session then runs each statement on its own. A task that does not return
+// the deadlock's error does not get its job completed without its earlier
+// writes: the completion finds the transaction gone and fails, the failure
+// is recorded, and the job runs again. (The task's statements after the
+// deadlock committed on their own, beyond the library's reach.)
+func TestMariaDBCompletionAfterAnIgnoredDeadlockFails(t *testing.T) {
+	d := newTestDB(t, "mysql", nil)
+	if info, err := async.Dialect(d.DB); err != nil || !strings.Contains(strings.ToLower(info.Version), "mariadb") {
+		t.Skipf("MariaDB only (compound statements): %v %v", info, err)
+	}
+	migrateApp(t, d)
+	require.NoError(t, d.DB.Exec("CREATE TABLE dl_rows (id INT PRIMARY KEY, v INT NOT NULL)").Error)
+	for i := 1; i <= 25; i++ {
+		require.NoError(t, d.DB.Exec("INSERT INTO dl_rows VALUES (?, 0)", i).Error)
+	}
+	key := newKey(t, "deadlock")
+	plan := &deadlockPlan{holding: make(chan struct{}), proceed: make(chan struct{}), err: make(chan error, 1)}
+	deadlockPlans.Store(key, plan)
+	t.Cleanup(func() { deadlockPlans.Delete(key) })
+	job, err := async.Schedule(d.DB, deadlockIgnored, async.Args(key))
+	require.NoError(t, err)
+	startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+	recv(t, plan.holding, time.Minute, "the task to hold row 1")
+	// Another transaction, heavier than the job's (InnoDB rolls back the
+	// lighter one), takes rows 2-25 and then asks for row 1: a deadlock.
+	other := d.DB.Begin()
+	require.NoError(t, other.Exec("UPDATE dl_rows SET v = v + 1 WHERE id >= 2").Error)
+	close(plan.proceed)
+	require.NoError(t, other.Exec("UPDATE dl_rows SET v = v + 1 WHERE id = 1").Error)
+	require.NoError(t, other.Rollback().Error)
+	deadlockErr := recv(t, plan.err, time.Minute, "the task's deadlocked statement")
+	require.ErrorContains(t, deadlockErr, "1213", "the job's transaction was the deadlock's victim")
+
+	got := waitJob(t, d.DB, job.ID, time.Minute, "the failure recorded", func(j *async.Job) bool { return j.Scheduled != nil })
+	assert.Nil(t, got.Executed, "not completed")
+	assert.Zero(t, effects(t, d.DB, key+"/before"), "the write before the deadlock was rolled back with it")
+	var e async.JobError
+	require.NoError(t, d.DB.Where("job_id = ?", job.ID).Take(&e).Error)
+	assert.Contains(t, e.Exception, "rolled back by the server")
 }

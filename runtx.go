@@ -45,9 +45,9 @@ type connTxns interface {
 type runTxn struct {
 	p   *Plugin
 	ctx context.Context // the library's statements: never cancelled by shutdown
-	// db is the tasks' handle. Its ConnPool is rc, or (when the plugin
-	// cannot reach the *sql.DB, e.g. under GORM's PrepareStmt mode) a
-	// transaction GORM began.
+	// db is the tasks' handle. Its ConnPool is rc, which holds the
+	// transaction: on a *sql.Tx or *sql.Conn of the plugin's *sql.DB or,
+	// when the plugin cannot reach one, a transaction GORM began.
 	db    *gorm.DB
 	rc    *runConn
 	ended bool
@@ -69,6 +69,7 @@ type runConn struct {
 	sqlDB   *sql.DB
 	tx      *sql.Tx   // generic: a database/sql transaction
 	conn    *sql.Conn // connTxns: a connection with a transaction open
+	gtx     *gorm.DB  // a pool the plugin cannot see through: a transaction GORM began
 	hasJobs atomic.Bool
 	// ended is set once the run's transaction has ended. The connection
 	// may then carry the next run's transaction (runChain): a task's handle
@@ -96,7 +97,12 @@ func (endedConnector) Connect(context.Context) (driver.Conn, error) { return nil
 func (endedConnector) Driver() driver.Driver                        { return nil }
 
 // GetDBConn lets gorm.DB.DB() find the *sql.DB.
-func (c *runConn) GetDBConn() (*sql.DB, error) { return c.sqlDB, nil }
+func (c *runConn) GetDBConn() (*sql.DB, error) {
+	if c.sqlDB == nil && c.gtx != nil {
+		return c.gtx.DB()
+	}
+	return c.sqlDB, nil
+}
 
 // ExecContext runs a statement in the run's transaction while it lasts.
 func (c *runConn) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {
@@ -146,10 +152,16 @@ func (c *runConn) Rollback() error {
 func (p *Plugin) beginRun(ctx context.Context, first string, args ...any) (*runTxn, int64, error) {
 	t := &runTxn{p: p, ctx: ctx}
 	if p.sqlDB == nil {
-		t.db = p.session(ctx).Begin()
-		if t.db.Error != nil {
-			return nil, 0, t.db.Error
+		// A pool the plugin cannot see through: GORM begins the
+		// transaction, and the tasks' handle reaches it through a runConn
+		// all the same, which keeps it theirs only while the run lasts.
+		gtx := p.session(ctx).Begin()
+		if gtx.Error != nil {
+			return nil, 0, gtx.Error
 		}
+		t.rc = &runConn{gtx: gtx, ConnPool: gtx.Statement.ConnPool}
+		t.db = p.session(ctx)
+		t.db.Statement.ConnPool = t.rc
 	} else {
 		t.rc = &runConn{sqlDB: p.sqlDB}
 		if txns := p.dialect.txns; txns != nil {
@@ -207,10 +219,10 @@ func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 				return execErr, nil
 			}
 		}
-		if t.rc != nil {
-			commitErr = t.rc.tx.Commit()
+		if t.rc.gtx != nil {
+			commitErr = t.rc.gtx.Commit().Error
 		} else {
-			commitErr = t.db.Commit().Error
+			commitErr = t.rc.tx.Commit()
 		}
 		if commitErr == nil {
 			t.end()
@@ -326,8 +338,8 @@ func (t *runTxn) rollback() {
 	}
 	t.end()
 	switch {
-	case t.rc == nil:
-		t.db.Rollback()
+	case t.rc.gtx != nil:
+		t.rc.gtx.Rollback()
 	case t.rc.conn != nil:
 		t.p.dialect.txns.rollback(t.ctx, t.rc.conn)
 	default:

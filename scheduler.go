@@ -312,21 +312,3 @@ func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 	}
 	return out, nil
 }
-
-// jobsInserted does for a bulk insert through db what the
-// async:wake_on_job_insert callback (afterCreate) does for GORM's Create: it
-// marks a transaction of the plugin's pool as having inserted jobs, so that
-// its commit wakes this process's idle workers, or wakes them at once when
-// the insert committed already.
-func (p *Plugin) jobsInserted(db *gorm.DB) {
-	switch c := db.Statement.ConnPool.(type) {
-	case *wakeTx:
-		c.hasJobs.Store(true)
-	case *runConn:
-		c.hasJobs.Store(true) // a task scheduled jobs: wake at the run's commit
-	case gorm.TxCommitter:
-		// A transaction the plugin cannot observe: rely on NOTIFY or polling.
-	default:
-		p.wakers.broadcast()
-	}
-}
