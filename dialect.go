@@ -170,16 +170,6 @@ func (d *dialect) fence(job *Job, now time.Time) (string, []any) {
 	return "SELECT id FROM " + jobTable + where + " FOR UPDATE", []any{job.ID, job.LockedBy, job.Attempts}
 }
 
-// guardCompletion returns q, a statement that completes jobs in their run's
-// transaction, made to fail where it can tell that the transaction is gone:
-// on MariaDB with compound statements (mariaInTxGuard).
-func (d *dialect) guardCompletion(q string) string {
-	if d.fenceWrites() {
-		return "BEGIN NOT ATOMIC " + mariaInTxGuard + q + "; END"
-	}
-	return q
-}
-
 // fenceWrites reports whether fence writes the start time: on MariaDB with
 // compound statements.
 func (d *dialect) fenceWrites() bool {

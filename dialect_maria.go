@@ -211,15 +211,6 @@ func runCounting(ctx context.Context, conn *sql.Conn, read bool, q string, args 
 	return res.RowsAffected()
 }
 
-// mariaInTxGuard, in a compound statement, fails it unless the session is
-// still in the transaction the run began. A deadlock rolls back the whole
-// transaction, and the session then runs each statement on its own: a task
-// that did not return the deadlock's error would otherwise see its job
-// completed (in a transaction of its own) without the task's writes from
-// before the deadlock.
-const mariaInTxGuard = "IF @@in_transaction = 0 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = " +
-	"'async: the job''s transaction was rolled back by the server (a deadlock) before its completion; the task went on without it'; END IF; "
-
 // commitMarks numbers the commits that begin the next run (commit), for
 // telling whether such a commit took effect before an error.
 var commitMarks atomic.Int64
@@ -257,14 +248,11 @@ func (m *mariaTxns) commit(ctx context.Context, conn *sql.Conn, q string, args [
 		s, err := m.inline(q, args)
 		if err != nil {
 			// Too long, or not writable as literals: bound arguments.
-			if _, err := conn.ExecContext(ctx, "BEGIN NOT ATOMIC "+mariaInTxGuard+"END"); err != nil {
-				return err, nil, 0, nil
-			}
 			if _, err := conn.ExecContext(ctx, q, args...); err != nil {
 				return err, nil, 0, nil
 			}
 		} else {
-			body, bodyRows = mariaInTxGuard+s+"; ", 1
+			body, bodyRows = s+"; ", 1
 		}
 	}
 	if next == "" {

@@ -202,6 +202,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		tctx, tdb, endTask := tx.startTask(ctx)
 		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
 		endTask()
+		if err == nil {
+			err = tx.lostTx()
+		}
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
@@ -217,7 +220,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				k++
 				break
 			}
-			_, cerr := tx.exec(p.dialect.guardCompletion(completeSQL), now, done, result, job.ID)
+			_, cerr := tx.exec(completeSQL, now, done, result, job.ID)
 			if cerr == nil {
 				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
 				setInfo(k, OutcomeExecuted, nil)

@@ -56,6 +56,9 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		tctx, tdb, endTask := tx.startTask(ctx)
 		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
 		endTask()
+		if err == nil {
+			err = tx.lostTx()
+		}
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()
@@ -96,7 +99,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 	done := p.now()
 	q, args := p.dialect.completeAllSQL(batch, starts, results, done)
 	// Not sent with the COMMIT: the count must be checked first.
-	n, err := tx.exec(p.dialect.guardCompletion(q), args...)
+	n, err := tx.exec(q, args...)
 	if err != nil || n != int64(len(batch)) {
 		return careful(k) // a claim was lost, or the database failed: go job by job
 	}

@@ -75,6 +75,32 @@ type runConn struct {
 	// may then carry the next run's transaction (runChain): a task's handle
 	// kept past its run must not reach it.
 	ended atomic.Bool
+	// lost is the error of a task's statement that ended the run's
+	// transaction on the server (a deadlock: see lostTx), if any.
+	lost atomic.Pointer[error]
+}
+
+// saw records err, a task's statement's error, if it ended the run's
+// transaction, and returns it.
+func (c *runConn) saw(err error) error {
+	if err != nil && isDeadlock(err) {
+		c.lost.CompareAndSwap(nil, &err)
+	}
+	return err
+}
+
+// lostTx returns the error of a task's statement that ended the run's
+// transaction, or nil. A deadlock rolls back the whole transaction: on
+// Postgres the transaction is then aborted and the completion fails anyway,
+// but on MySQL and MariaDB the session runs each later statement on its
+// own, so that a task that did not return the error would have its job
+// completed, in a transaction of its own, without its writes from before
+// the deadlock.
+func (t *runTxn) lostTx() error {
+	if p := t.rc.lost.Load(); p != nil {
+		return fmt.Errorf("async: the database rolled back the job's transaction (%w), and its task went on without returning that error", *p)
+	}
+	return nil
 }
 
 // errRunEnded is what a statement through a task's handle gets once its
@@ -109,7 +135,8 @@ func (c *runConn) ExecContext(ctx context.Context, q string, args ...any) (sql.R
 	if c.ended.Load() {
 		return nil, errRunEnded
 	}
-	return c.ConnPool.ExecContext(ctx, q, args...)
+	res, err := c.ConnPool.ExecContext(ctx, q, args...)
+	return res, c.saw(err)
 }
 
 // QueryContext runs a query in the run's transaction while it lasts.
@@ -117,7 +144,8 @@ func (c *runConn) QueryContext(ctx context.Context, q string, args ...any) (*sql
 	if c.ended.Load() {
 		return nil, errRunEnded
 	}
-	return c.ConnPool.QueryContext(ctx, q, args...)
+	rows, err := c.ConnPool.QueryContext(ctx, q, args...)
+	return rows, c.saw(err)
 }
 
 // QueryRowContext runs a query in the run's transaction while it lasts.
