@@ -18,15 +18,6 @@ import (
 // was cancelled meanwhile: the job as it was claimed, given back or left
 // cancelled, and failures charged to the job that caused them.
 
-// ignoreFailedInsert runs an INSERT that fails and ignores its error: on
-// Postgres the statement aborts the transaction (or savepoint) it runs in.
-func ignoreFailedInsert(ctx context.Context, tx *gorm.DB, key string) error {
-	_ = tx.Exec("INSERT INTO no_such_table_here (x) VALUES (1)").Error
-	return nil
-}
-
-func init() { async.MustRegister(ignoreFailedInsert) }
-
 // Group commit's careful path completes jobs one by one in a shared
 // transaction; when that transaction is then rolled back (here at shutdown),
 // every job completed in it goes back to the queue as it was claimed, its
@@ -111,7 +102,7 @@ func TestGroupCommitChargesTheJobThatAbortedTheTransaction(t *testing.T) {
 	migrateApp(t, d)
 	kw, ky := newKey(t, "w"), newKey(t, "y")
 	w := scheduleCtl(t, d.DB, kw)
-	x, err := async.Schedule(d.DB, ignoreFailedInsert, async.Args("x"), async.MaxAttempts(1))
+	x, err := async.Schedule(d.DB, swallowsFailedStatement, async.Args(newKey(t, "x")), async.MaxAttempts(1))
 	require.NoError(t, err)
 	y := scheduleCtl(t, d.DB, ky, async.MaxAttempts(1))
 	startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 3, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})

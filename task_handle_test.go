@@ -87,13 +87,8 @@ func TestTaskHandleEndsWithItsRun(t *testing.T) {
 		})
 		b := scheduleCtl(t, d.DB, bKey, async.Priority(1))
 
-		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour, PollInterval: 20 * time.Millisecond})
-		require.NoError(t, err)
-		async.SetStaleAfter(w, time.Hour)
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		ran := make(chan error, 1)
-		go func() { ran <- w.Run(ctx) }()
+		stop := startWorkerWith(t, d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour, PollInterval: 20 * time.Millisecond},
+			func(w *async.Worker) { async.SetStaleAfter(w, time.Hour) })
 		recv(t, started, time.Minute, "A to start")
 		if d.Kind != "sqlite" {
 			// B waits ready in the worker, so that A's commit begins B's
@@ -104,8 +99,7 @@ func TestTaskHandleEndsWithItsRun(t *testing.T) {
 		close(release)
 		s := recv(t, strays, time.Minute, "B to run")
 		waitJob(t, d.DB, b.ID, time.Minute, "B", executed)
-		cancel()
-		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+		stop()
 		assert.ErrorIs(t, s.write, async.ErrJobTransaction, "a write through A's handle after A's run")
 		assert.ErrorIs(t, s.row, async.ErrJobTransaction, "a row read through A's handle after A's run")
 		assert.Zero(t, effects(t, d.DB, strayKey), "nothing written through A's handle committed")
@@ -125,15 +119,9 @@ func TestTaskLeavingRowsOpenDoesNotHoldItsSlot(t *testing.T) {
 		_, err := async.Schedule(d.DB, leaveRowsOpen, async.Args(key))
 		require.NoError(t, err)
 		next := scheduleCtl(t, d.DB, newKey(t, "next"), async.Priority(-1))
-		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond, ShutdownTimeout: time.Hour})
-		require.NoError(t, err)
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		ran := make(chan error, 1)
-		go func() { ran <- w.Run(ctx) }()
+		stop := startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond, ShutdownTimeout: time.Hour})
 		waitJob(t, d.DB, next.ID, time.Minute, "the job after the one that left its rows open", executed)
-		cancel()
-		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+		stop() // at once: an hour's ShutdownTimeout would outlast the test
 		assert.EqualValues(t, 1, runCount(key))
 	})
 }

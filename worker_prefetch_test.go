@@ -168,14 +168,8 @@ func TestWorkerSkipsAJobCancelledWhileReady(t *testing.T) {
 	eachServerDB(t, "on SQLite the cancellation waits for the one writer", func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		_, blocked, release, after, keys := prefetchQueue(t, d.DB, 20, 10)
-		w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
-			PollInterval: 20 * time.Millisecond})
-		require.NoError(t, err)
-		async.SetStaleAfter(w, time.Hour)
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		ran := make(chan error, 1)
-		go func() { ran <- w.Run(ctx) }()
+		stop := startWorkerWith(t, d.DB, async.WorkerOptions{Concurrency: 1, Prefetch: 4, Lease: time.Hour,
+			PollInterval: 20 * time.Millisecond}, func(w *async.Worker) { async.SetStaleAfter(w, time.Hour) })
 		recv(t, blocked, time.Minute, "the blocker to start")
 		waitFor(t, time.Minute, "the first follower claimed ahead", func() bool { return claimedAhead(t, d.DB, after[:1]) == 1 })
 		// On MySQL a claim's locking read holds each row it passes over for
@@ -199,7 +193,6 @@ func TestWorkerSkipsAJobCancelledWhileReady(t *testing.T) {
 		assert.Nil(t, got.Executed)
 		assert.Nil(t, got.Started, "the cancelled job never started")
 		assert.Zero(t, runCount(keys[0]), "its task never ran")
-		cancel()
-		require.NoError(t, recv(t, ran, time.Minute, "Run to return"))
+		stop()
 	})
 }

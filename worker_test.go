@@ -19,8 +19,18 @@ import (
 // checks that Run returned.
 func startWorker(t *testing.T, db *gorm.DB, o async.WorkerOptions) (stop func()) {
 	t.Helper()
+	return startWorkerWith(t, db, o, nil)
+}
+
+// startWorkerWith is startWorker with before, if not nil, given the worker
+// before it runs (to set what only tests set).
+func startWorkerWith(t *testing.T, db *gorm.DB, o async.WorkerOptions, before func(*async.Worker)) (stop func()) {
+	t.Helper()
 	w, err := async.NewWorker(db, o)
 	require.NoError(t, err)
+	if before != nil {
+		before(w)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- w.Run(ctx) }()
