@@ -98,9 +98,11 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 	}
 	if len(exhausted) > 0 {
 		if err := p.failExhausted(ctx, exhausted, f.owner, now); err != nil {
-			return nil, fmt.Errorf("async: failing exhausted jobs: %w", err)
-		}
-		if len(claimed) == 0 {
+			// The jobs claimed with them still run; these are found again,
+			// still exhausted, once this claim's lease on them expires.
+			p.Logger.Error("async: could not end jobs whose attempts ran out; tried again when their lease expires",
+				"jobs", exhausted, "error", err)
+		} else if len(claimed) == 0 {
 			return p.claim(ctx, f) // those are out of the way: look again
 		}
 	}

@@ -249,3 +249,31 @@ func TestCompletionAfterAnIgnoredDeadlockFails(t *testing.T) {
 	require.NoError(t, d.DB.Where("job_id = ?", job.ID).Take(&e).Error)
 	assert.Contains(t, e.Exception, "rolled back the job's transaction")
 }
+
+// A claim that takes a job whose attempts ran out (its last run was lost)
+// and cannot end it failed, because recording that fails, still runs the
+// jobs it claimed with it: they are not left leased until the lease ends,
+// their attempt counted.
+func TestClaimKeepsItsJobsWhenEndingExhaustedOnesFails(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		lostKey, okKey := newKey(t, "lost"), newKey(t, "ok")
+		lost := scheduleCtl(t, d.DB, lostKey, async.MaxAttempts(1), async.Priority(9))
+		ok := scheduleCtl(t, d.DB, okKey)
+		// Its one run was lost: the attempt counted, the lease run out.
+		require.NoError(t, d.DB.Model(&async.Job{}).Where("id = ?", lost.ID).
+			Updates(map[string]any{"attempts": 1, "locked_by": "dead-worker", "locked_until": d.Clock.Now().Add(-time.Minute)}).Error)
+		// Recording the exhausted job's failure fails.
+		require.NoError(t, d.DB.Callback().Create().Before("gorm:create").Register("test:fail_error_rows", func(tx *gorm.DB) {
+			if tx.Statement.Table == "async_error" {
+				_ = tx.AddError(errors.New("error rows refused"))
+			}
+		}))
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, Lease: time.Hour, PollInterval: 20 * time.Millisecond})
+		waitJob(t, d.DB, ok.ID, 30*time.Second, "the job claimed with the exhausted one", executed)
+		assert.EqualValues(t, 1, effects(t, d.DB, okKey))
+		got := getJob(t, d.DB, lost.ID)
+		assert.Nil(t, got.Failed, "not ended: its error row was refused")
+		assert.Zero(t, effects(t, d.DB, lostKey), "never run again")
+	})
+}
