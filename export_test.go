@@ -225,3 +225,13 @@ func SetWriterWait(db *gorm.DB, d time.Duration) {
 	}
 	p.dialect.busyWait = d
 }
+
+// AfterBrokenTxForTest records err as the failure of job's run, as after a
+// transaction that could not be used (afterBrokenTx).
+func AfterBrokenTxForTest(db *gorm.DB, job *Job, err error) (Outcome, error) {
+	p, perr := pluginOf(db)
+	if perr != nil {
+		return "", perr
+	}
+	return p.afterBrokenTx(context.Background(), job, lookupTask(job.Name), err, "")
+}

@@ -34,7 +34,30 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 			"job", job.ID, "error", err, "record_error", recErr)
 		return OutcomeRetry, err
 	}
+	if outcome == OutcomeSkipped && p.executedBy(ctx, job) {
+		// The run's COMMIT took effect though its outcome could not be
+		// read (the connection died after it): the job is executed by
+		// this very attempt, which no other run shares.
+		p.Logger.Warn("async: a run's commit reported an error but took effect; the job is executed",
+			"job", job.ID, "error", err)
+		return OutcomeExecuted, nil
+	}
 	return outcome, err
+}
+
+// executedBy reports whether job is executed with the attempt of the run
+// whose claim job holds.
+func (p *Plugin) executedBy(ctx context.Context, job *Job) bool {
+	var row struct {
+		Executed *time.Time
+		Attempts int
+	}
+	err := p.session(ctx).Raw("SELECT executed, attempts FROM "+jobTable+" WHERE id = ?", job.ID).Scan(&row).Error
+	if err != nil || row.Executed == nil || row.Attempts != job.Attempts {
+		return false
+	}
+	job.Executed, job.LockedBy, job.LockedUntil = row.Executed, "", nil
+	return true
 }
 
 // claimHeld is recordFailure's test that the failed run's claim still
@@ -56,25 +79,27 @@ func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, st
 	failures++
 	outcome := OutcomeRetry
 	var res *gorm.DB
+	var update func() // the job's new state, once written
 	if errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts) {
 		outcome = OutcomeFailed
 		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
 			now, job.ID, job.LockedBy, job.Attempts)
-		job.Failed = &now
+		update = func() { job.Failed = &now }
 	} else {
 		delay, prio := p.retryPolicy(t)(job, int(failures))
 		next := now.Add(delay).Truncate(time.Microsecond) // as stored
 		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
 			next, prio, job.ID, job.LockedBy, job.Attempts)
-		job.Scheduled, job.Priority = &next, prio
+		update = func() { job.Scheduled, job.Priority = &next, prio }
 	}
 	if res.Error != nil {
 		return "", res.Error
 	}
-	job.Started, job.LockedBy, job.LockedUntil = nil, "", nil
 	if res.RowsAffected == 0 {
 		return OutcomeSkipped, nil
 	}
+	update()
+	job.Started, job.LockedBy, job.LockedUntil = nil, "", nil
 	rec := JobError{JobID: job.ID, Executed: now, Exception: exceptionText(taskErr), Traceback: traceback(taskErr, stack)}
 	if err := tx.Create(&rec).Error; err != nil {
 		return "", err

@@ -277,3 +277,34 @@ func TestClaimKeepsItsJobsWhenEndingExhaustedOnesFails(t *testing.T) {
 		assert.Zero(t, effects(t, d.DB, lostKey), "never run again")
 	})
 }
+
+// A run whose COMMIT took effect but whose outcome could not be read (its
+// connection died after the COMMIT, as when MariaDB's compound statement
+// carrying it and the next run's start fails) goes to the failure path; it
+// is reported executed there, not skipped with an error, when the job is
+// executed by the run's own attempt. A job executed by another attempt is
+// still skipped.
+func TestCommitThatTookEffectIsReportedExecuted(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		job := scheduleCtl(t, d.DB, newKey(t, "committed"))
+		now := d.Clock.Now()
+		require.NoError(t, d.DB.Model(&async.Job{}).Where("id = ?", job.ID).
+			Updates(map[string]any{"attempts": 1, "executed": now, "started": now}).Error)
+		lostConn := errors.New("invalid connection")
+
+		run := *job
+		run.Attempts, run.LockedBy = 1, "this-run"
+		out, err := async.AfterBrokenTxForTest(d.DB, &run, lostConn)
+		assert.Equal(t, async.OutcomeExecuted, out)
+		assert.NoError(t, err)
+		assert.NotNil(t, run.Executed)
+
+		other := *job
+		other.Attempts, other.LockedBy = 2, "a-later-run"
+		out, err = async.AfterBrokenTxForTest(d.DB, &other, lostConn)
+		assert.Equal(t, async.OutcomeSkipped, out)
+		assert.ErrorIs(t, err, lostConn)
+		assert.Zero(t, count(t, d.DB, "async_error", ""), "no failure recorded")
+	})
+}
