@@ -1,7 +1,6 @@
 package async
 
 import (
-	"context"
 	"fmt"
 
 	"gorm.io/gorm"
@@ -14,11 +13,7 @@ func Retry(db *gorm.DB, id int64) error {
 	if err != nil {
 		return err
 	}
-	ctx := db.Statement.Context
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	err = p.serializeEntry(ctx, fmt.Sprintf("retrying job %d", id), func() error {
+	err = p.serializeEntry(ctxOf(db), fmt.Sprintf("retrying job %d", id), func() error {
 		res := db.Session(&gorm.Session{NewDB: true}).Exec("UPDATE "+jobTable+
 			" SET failed = NULL, cancelled = NULL, attempts = 0, scheduled = NULL, locked_by = '', locked_until = NULL"+
 			" WHERE id = ? AND executed IS NULL AND (failed IS NOT NULL OR cancelled IS NOT NULL)", id)

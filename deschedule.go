@@ -53,22 +53,11 @@ func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 		n, e = p.cancelIdentity(db, job.Identity)
 		return e
 	}
-	if _, inTx := db.Statement.ConnPool.(gorm.TxCommitter); inTx {
+	if inTransaction(db) {
 		err = work(db)
 	} else {
 		// A plain handle: lock and update in one short transaction of our own.
-		ctx := db.Statement.Context
-		if ctx == nil {
-			ctx = context.Background()
-		}
-		err = p.serializeEntry(ctx, "deschedule "+job.String(), func() error {
-			return db.Transaction(func(t *gorm.DB) error {
-				if e := p.dialect.beginWrite(t); e != nil {
-					return e
-				}
-				return work(t)
-			})
-		})
+		err = p.serializeEntry(ctxOf(db), "deschedule "+job.String(), func() error { return p.writeTx(db, work) })
 	}
 	if errors.Is(err, ErrWriterBusy) {
 		return 0, err // says what waited

@@ -199,12 +199,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
 			}
 		}
-		tctx, tdb, endTask := tx.startTask(ctx)
-		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
-		endTask()
-		if err == nil {
-			err = tx.lostTx()
-		}
+		t, result, err, stack := p.runTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
@@ -287,6 +282,19 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		return len(jobs) // the window released the rest
 	}
 	return k
+}
+
+// runTask runs the job's task in the run's transaction tx (callTask, with
+// the task's context and handle from startTask). A task that returns no
+// error after a statement of its ended the transaction (lostTx) fails.
+func (p *Plugin) runTask(ctx context.Context, tx *runTxn, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
+	tctx, tdb, endTask := tx.startTask(ctx)
+	t, result, err, stack = p.callTask(tctx, tdb, job, timeout)
+	endTask()
+	if err == nil {
+		err = tx.lostTx()
+	}
+	return t, result, err, stack
 }
 
 // callTask runs the job's task under the per-job timeout; running out of
@@ -373,10 +381,7 @@ func (j *Job) Execute(db *gorm.DB) error {
 	if err != nil {
 		return err
 	}
-	ctx := db.Statement.Context
-	if ctx == nil {
-		ctx = context.Background()
-	}
+	ctx := ctxOf(db)
 	claimed, err := p.claimByID(ctx, j.ID, newOwner(), DefaultLease)
 	if err != nil {
 		return err

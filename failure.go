@@ -19,11 +19,8 @@ import (
 func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error) {
 	job.Started = nil
 	var outcome Outcome
-	recErr := p.session(ctx).Transaction(func(tx *gorm.DB) error {
-		e := p.dialect.beginWrite(tx)
-		if e != nil {
-			return e
-		}
+	recErr := p.writeTx(p.session(ctx), func(tx *gorm.DB) error {
+		var e error
 		outcome, e = p.recordFailure(tx, job, t, err, stack)
 		return e
 	})

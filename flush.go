@@ -53,10 +53,7 @@ func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 	if limit == 0 {
 		limit = DefaultFlushJobs
 	}
-	ctx := db.Statement.Context
-	if ctx == nil {
-		ctx = context.Background()
-	}
+	ctx := ctxOf(db)
 	owner := newOwner()
 	which := 0
 	if opts.OutOf > 1 {

@@ -53,12 +53,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		job := jobs[k]
 		infos[k].Started = time.Now()
 		starts = append(starts, p.now())
-		tctx, tdb, endTask := tx.startTask(ctx)
-		t, result, err, stack := p.callTask(tctx, tdb, job, o.timeout)
-		endTask()
-		if err == nil {
-			err = tx.lostTx()
-		}
+		t, result, err, stack := p.runTask(ctx, tx, job, o.timeout)
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()

@@ -134,6 +134,14 @@ func (p *Plugin) maxAttempts() int {
 	return p.MaxAttempts
 }
 
+// ctxOf is db's context, or the background one where it has none.
+func ctxOf(db *gorm.DB) context.Context {
+	if ctx := db.Statement.Context; ctx != nil {
+		return ctx
+	}
+	return context.Background()
+}
+
 // session is a fresh handle on the root db with ctx.
 func (p *Plugin) session(ctx context.Context) *gorm.DB {
 	return p.db.Session(&gorm.Session{NewDB: true, Context: ctx})

@@ -235,7 +235,7 @@ func (t *runTxn) exec(q string, args ...any) (int64, error) {
 // connection both in one round trip. execErr is q's error (the transaction
 // then still needs rollback); commitErr is the commit's.
 func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
-	if t.rc != nil && t.rc.conn != nil {
+	if t.rc.conn != nil {
 		execErr, commitErr, _, _ = t.p.dialect.txns.commit(t.ctx, t.rc.conn, q, args, "", nil)
 		if execErr == nil && commitErr == nil {
 			t.end()
@@ -256,7 +256,7 @@ func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 			t.end()
 		}
 	}
-	if t.ended && t.rc != nil && t.rc.hasJobs.Load() {
+	if t.ended && t.rc.hasJobs.Load() {
 		t.p.wakers.broadcast()
 	}
 	return execErr, commitErr
@@ -264,7 +264,7 @@ func (t *runTxn) commitAfter(q string, args ...any) (execErr, commitErr error) {
 
 // onConn reports whether the run's transaction is held on a connection by
 // connTxns (Postgres with pgx, MariaDB), where commitThenBegin applies.
-func (t *runTxn) onConn() bool { return t.rc != nil && t.rc.conn != nil }
+func (t *runTxn) onConn() bool { return t.rc.conn != nil }
 
 // commitThenBegin runs q and commits, then begins the next run's
 // transaction on the same connection and runs next in it (one round trip
@@ -341,9 +341,7 @@ func (c *taskContext) Value(key any) any { return c.current().Value(key) }
 // tasks' handles, and ends its tasks' context.
 func (t *runTxn) end() {
 	t.ended = true
-	if t.rc != nil {
-		t.rc.ended.Store(true)
-	}
+	t.rc.ended.Store(true)
 	if t.stopTasks != nil {
 		t.stopTasks()
 	}

@@ -122,15 +122,29 @@ func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
 // queue behind this process's other SQLite writers: a task that schedules
 // through a plain handle instead of its own would wait for itself.)
 func (p *Plugin) atomically(db *gorm.DB, work func(db *gorm.DB) error) error {
-	if _, inTx := db.Statement.ConnPool.(gorm.TxCommitter); inTx {
+	if inTransaction(db) {
 		return work(db)
 	}
+	return p.writeTx(db, work)
+}
+
+// writeTx runs work in a transaction of its own begun on db, which takes
+// the database's write lock first (beginWrite: on SQLite, so that work may
+// read before it writes).
+func (p *Plugin) writeTx(db *gorm.DB, work func(db *gorm.DB) error) error {
 	return db.Transaction(func(t *gorm.DB) error {
 		if err := p.dialect.beginWrite(t); err != nil {
 			return err
 		}
 		return work(t)
 	})
+}
+
+// inTransaction reports whether db runs in a transaction (the caller's, or
+// a task's), rather than on the pool.
+func inTransaction(db *gorm.DB) bool {
+	_, ok := db.Statement.ConnPool.(gorm.TxCommitter)
+	return ok
 }
 
 // newJobRow is a job ready to insert, with its group reference.
@@ -278,7 +292,7 @@ func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 		return nil, fmt.Errorf("async: schedule many: the handle already carries an error: %w", tx.Error)
 	}
 	db := tx.Session(&gorm.Session{NewDB: true})
-	_, inTx := db.Statement.ConnPool.(gorm.TxCommitter)
+	inTx := inTransaction(db)
 	// In a transaction, a savepoint: a failed chunk takes the others back
 	// with it even if the caller commits anyway.
 	err = db.Transaction(func(db *gorm.DB) error {
