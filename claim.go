@@ -225,14 +225,18 @@ func (p *Plugin) claimByID(ctx context.Context, id int64, owner string, lease ti
 		return retryDeadlock(ctx, func() error {
 			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
 				now := p.now()
-				res := tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id = ? AND "+pending(jobTable),
-					owner, now.Add(lease), id)
+				res := tx.Exec("UPDATE "+jobTable+" SET attempts = attempts + 1, locked_by = ?, locked_until = ? WHERE id = ? AND "+pending(jobTable)+
+					" AND (locked_until IS NULL OR locked_until < ?)", owner, now.Add(lease), id, now)
 				if res.Error != nil {
 					return res.Error
 				}
 				if res.RowsAffected == 0 {
 					if tx.Model(&Job{}).Where("id = ?", id).Take(&job).Error != nil {
 						return errorf(ErrJobNotFound, "job %d", id)
+					}
+					if job.state() == "is pending" && job.LockedUntil != nil {
+						return errorf(ErrJobClaimed, "job %d is leased to %s until %s", id, job.LockedBy,
+							job.LockedUntil.UTC().Format(time.RFC3339Nano))
 					}
 					return errorf(ErrNotPending, "job %d %s", id, job.state())
 				}

@@ -192,6 +192,33 @@ func TestExecuteCommitsWritesWithCompletion(t *testing.T) {
 	})
 }
 
+// Job.Execute does not take a job a worker holds a live lease on (it is
+// running, or claimed to run next): both would run its task. Once the lease
+// has expired (its worker died), Execute runs it.
+func TestExecuteRefusesJobLeasedToAWorker(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		job, err := async.Schedule(d.DB, writeEffect, async.Args("leased", 1))
+		require.NoError(t, err)
+		claimed, err := async.ClaimForTest(d.DB, "other-worker", 1)
+		require.NoError(t, err)
+		require.Len(t, claimed, 1)
+
+		err = job.Execute(d.DB)
+		require.ErrorIs(t, err, async.ErrJobClaimed)
+		assert.ErrorContains(t, err, "other-worker")
+		got := getJob(t, d.DB, job.ID)
+		assert.Equal(t, "other-worker", got.LockedBy, "the lease stays with its worker")
+		assert.Equal(t, 1, got.Attempts, "a refused Execute counts no attempt")
+		assert.Zero(t, count(t, d.DB, "effects", "k = ?", "leased"))
+
+		d.Clock.Advance(25 * time.Hour) // past ClaimForTest's lease of a day
+		require.NoError(t, job.Execute(d.DB))
+		assert.EqualValues(t, 1, count(t, d.DB, "effects", "k = ?", "leased"))
+		assert.Equal(t, 2, getJob(t, d.DB, job.ID).Attempts)
+	})
+}
+
 func backoff(n int) time.Duration {
 	return time.Duration(60 * math.Pow(float64(n), 1.6) * float64(time.Second))
 }

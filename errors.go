@@ -48,6 +48,9 @@ var (
 	// ErrLeaseLost is returned when a job's claim was taken over by another
 	// worker before it started; the job was not run by this worker.
 	ErrLeaseLost = errors.New("async: job lease lost")
+	// ErrJobClaimed is returned by Job.Execute for a job that a worker (or a
+	// FlushQueue) holds a live lease on: it is running, or about to run.
+	ErrJobClaimed = errors.New("async: job is claimed by a worker")
 	// ErrBadOption is returned for an invalid option value.
 	ErrBadOption = errors.New("async: bad option")
 	// ErrPoolTooSmall is returned by NewWorker when the connection pool cannot

@@ -374,8 +374,10 @@ func (p *Plugin) logRun(info RunInfo) {
 
 // Execute runs this one job now, in its own transaction, whatever its
 // schedule, and returns the task's error after recording it. The job must be
-// pending. Do not call it inside another transaction: the job's transaction
-// must commit on its own.
+// pending (ErrNotPending) and not leased to a worker or a FlushQueue that
+// claimed it (ErrJobClaimed: it is running or about to; its lease ends with
+// its run, or at its expiry if that worker died). Do not call it inside
+// another transaction: the job's transaction must commit on its own.
 func (j *Job) Execute(db *gorm.DB) error {
 	p, err := pluginOf(db)
 	if err != nil {
