@@ -61,7 +61,7 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 		for next := 0; next < len(jobs); {
 			if ctx.Err() != nil || o.stopping() {
 				o.chain.drop() // its row lock would hold up the release
-				p.releaseUnstarted(context.WithoutCancel(ctx), jobs[next:])
+				p.releaseUnstarted(detach(ctx), jobs[next:])
 				break
 			}
 			if len(jobs)-next > 1 {
@@ -86,7 +86,7 @@ func (p *Plugin) runJobs(ctx context.Context, jobs []*Job, o runOptions) []RunIn
 		}
 		p.logRun(infos[i])
 		if p.AfterRun != nil {
-			p.AfterRun(context.WithoutCancel(ctx), infos[i])
+			p.AfterRun(detach(ctx), infos[i])
 		}
 	}
 	return infos
@@ -102,7 +102,7 @@ const completeSQL = "UPDATE " + jobTable + " SET started = ?, executed = ?, resu
 // the first job's fence and commits with the last job's completion (on
 // Postgres, one round trip each).
 func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first int, o runOptions) int {
-	bg := context.WithoutCancel(ctx)
+	bg := context.WithoutCancel(ctx) // the run's transaction: it must not end with a task's ctx
 	setInfo := func(k int, out Outcome, err error) {
 		infos[k].Outcome, infos[k].Err = out, err
 		infos[k].Duration = time.Since(infos[k].Started)
@@ -132,8 +132,8 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			tx.rollback()
 		}
 		undo(append(inTx, k)...)
-		p.releaseAll(bg, jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
-		out, err := p.afterBrokenTx(bg, jobs[k], t, err, stack)
+		p.releaseAll(detach(ctx), jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
+		out, err := p.afterBrokenTx(detach(ctx), jobs[k], t, err, stack)
 		setInfo(k, out, err)
 		return k + 1
 	}
@@ -204,8 +204,8 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			// Shutdown: undo everything and give the jobs back untouched.
 			tx.rollback()
 			undo(inTx...)
-			p.releaseAll(bg, jobs, append(inTx, k), infos, context.Cause(ctx))
-			p.releaseUnstarted(bg, jobs[k+1:])
+			p.releaseAll(detach(ctx), jobs, append(inTx, k), infos, context.Cause(ctx))
+			p.releaseUnstarted(detach(ctx), jobs[k+1:])
 			return len(jobs)
 		}
 		if err == nil {
@@ -273,7 +273,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			tx.rollback()
 			undo(inTx...)
 			for _, i := range inTx {
-				out, e := p.afterBrokenTx(bg, jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
+				out, e := p.afterBrokenTx(detach(ctx), jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
 				setInfo(i, out, e)
 			}
 		}

@@ -235,3 +235,11 @@ func AfterBrokenTxForTest(db *gorm.DB, job *Job, err error) (Outcome, error) {
 	}
 	return p.afterBrokenTx(context.Background(), job, lookupTask(job.Name), err, "")
 }
+
+// SetBookkeepingGrace sets how long Worker.Run's shutdown lets bookkeeping
+// go on after the shutdown timeout.
+func SetBookkeepingGrace(d time.Duration) (restore func()) {
+	old := bookkeepingGrace
+	bookkeepingGrace = func(time.Duration) time.Duration { return d }
+	return func() { bookkeepingGrace = old }
+}

@@ -57,7 +57,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		if ctx.Err() != nil {
 			tx.rollback()
 			win.stop()
-			p.releaseUnstarted(bg, jobs[first:])
+			p.releaseUnstarted(detach(ctx), jobs[first:])
 			for i := first; i <= k; i++ {
 				infos[i].Outcome, infos[i].Err = OutcomeInterrupted, context.Cause(ctx)
 				infos[i].Duration = time.Since(infos[i].Started)
@@ -75,7 +75,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		if err != nil {
 			// Record this failure on its own, then redo the others carefully.
 			tx.rollback()
-			out, e := p.afterBrokenTx(bg, job, t, err, stack)
+			out, e := p.afterBrokenTx(detach(ctx), job, t, err, stack)
 			infos[k].Outcome, infos[k].Err = out, e
 			infos[k].Duration = time.Since(infos[k].Started)
 			next := careful(k)

@@ -142,6 +142,36 @@ func ctxOf(db *gorm.DB) context.Context {
 	return context.Background()
 }
 
+// hardStopKey is the context key under which Worker.Run passes its runs the
+// context that ends their bookkeeping once its shutdown has lasted too long.
+type hardStopKey struct{}
+
+// detach is ctx's values without its cancellation, for the bookkeeping that
+// must outlive a cancelled run (rollbacks, releases, failure records,
+// AfterRun): it ends only with the hard stop Worker.Run put in ctx, if any,
+// so that a database that stopped answering cannot hold Run for ever.
+func detach(ctx context.Context) context.Context {
+	d := context.WithoutCancel(ctx)
+	if h, ok := ctx.Value(hardStopKey{}).(context.Context); ok {
+		return hardStopped{Context: d, stop: h}
+	}
+	return d
+}
+
+// hardStopped has the values of its Context and the cancellation of stop.
+type hardStopped struct {
+	context.Context
+	stop context.Context
+}
+
+func (c hardStopped) Deadline() (time.Time, bool) { return c.stop.Deadline() }
+func (c hardStopped) Done() <-chan struct{}       { return c.stop.Done() }
+func (c hardStopped) Err() error                  { return c.stop.Err() }
+
+// AfterFunc lets context.AfterFunc and the contexts derived from c register
+// with stop instead of starting a goroutine each.
+func (c hardStopped) AfterFunc(f func()) func() bool { return context.AfterFunc(c.stop, f) }
+
 // session is a fresh handle on the root db with ctx.
 func (p *Plugin) session(ctx context.Context) *gorm.DB {
 	return p.db.Session(&gorm.Session{NewDB: true, Context: ctx})

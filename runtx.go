@@ -367,7 +367,7 @@ func (t *runTxn) rollback() {
 	case t.rc.gtx != nil:
 		t.rc.gtx.Rollback()
 	case t.rc.conn != nil:
-		t.p.dialect.txns.rollback(t.ctx, t.rc.conn)
+		t.p.dialect.txns.rollback(detach(t.ctx), t.rc.conn)
 	default:
 		_ = t.rc.tx.Rollback()
 	}

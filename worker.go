@@ -165,8 +165,12 @@ func (w *Worker) Options() WorkerOptions { return w.opts }
 // claim under way finishes), gives back at once the claimed jobs that have
 // not started (their attempts uncounted), gives running jobs
 // ShutdownTimeout to finish, cancels the rest (their writes are rolled back
-// and they stay runnable) and returns nil. Database errors are logged and
-// retried with backoff; they do not end Run.
+// and they stay runnable) and returns nil. Rolling back, giving back and
+// recording failures get as long again as ShutdownTimeout (at least 5s)
+// before they are abandoned, so Run returns even when the database stops
+// answering; jobs whose give-back was abandoned run again when their lease
+// expires. Database errors are logged and retried with backoff; they do not
+// end Run.
 func (w *Worker) Run(ctx context.Context) error {
 	p, o := w.p, w.opts
 	log := p.Logger.With("worker", o.ID)
@@ -174,7 +178,19 @@ func (w *Worker) Run(ctx context.Context) error {
 	defer unsubscribe()
 
 	// Jobs get their own context: it outlives ctx by the shutdown timeout.
-	jobCtx, cancelJobs := context.WithCancel(context.WithoutCancel(ctx))
+	// What is done after a run ends (its rollback, releases, the record of
+	// its failure, AfterRun: detach) outlives that by bookkeepingGrace, then
+	// hard ends it, so that Run returns even if the database stops
+	// answering (what was cut short waits for its lease to expire).
+	hard, endHard := context.WithCancel(context.Background())
+	var hardStop *time.Timer // armed at shutdown
+	defer func() {           // after bg.Wait: releases still under way are not cut short
+		if hardStop != nil {
+			hardStop.Stop()
+		}
+		endHard()
+	}()
+	jobCtx, cancelJobs := context.WithCancel(context.WithValue(context.WithoutCancel(ctx), hardStopKey{}, hard))
 	defer cancelJobs()
 
 	var bg sync.WaitGroup // every goroutine Run starts ends before Run returns
@@ -243,7 +259,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			defer bg.Done()
 			_ = p.serialize(func() error {
 				for _, b := range batches {
-					p.releaseUnstarted(context.WithoutCancel(ctx), b)
+					p.releaseUnstarted(detach(jobCtx), b)
 				}
 				return nil
 			})
@@ -376,6 +392,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	grace := time.NewTimer(o.ShutdownTimeout)
 	defer grace.Stop()
+	hardStop = time.AfterFunc(o.ShutdownTimeout+bookkeepingGrace(o.ShutdownTimeout), endHard)
 	select {
 	case <-finished:
 	case <-grace.C:
@@ -384,4 +401,10 @@ func (w *Worker) Run(ctx context.Context) error {
 		<-finished
 	}
 	return nil
+}
+
+// bookkeepingGrace is how long Run's shutdown lets the runs' rollbacks,
+// give-backs and failure records go on after the shutdown timeout.
+var bookkeepingGrace = func(shutdown time.Duration) time.Duration {
+	return max(shutdown, 5*time.Second)
 }

@@ -5,12 +5,14 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+	"gorm.io/gorm"
 
 	"github.com/gormasync/async"
 )
@@ -371,4 +373,71 @@ func TestWorkerShutdownGivesBackUnstartedJobs(t *testing.T) {
 			require.NoError(t, d.DB.Exec("DELETE FROM effects").Error)
 		}
 	})
+}
+
+// A give-back that the database never answers (here a statement held until
+// its context ends) does not hold Run: after the shutdown timeout and the
+// bookkeeping's grace, Run abandons it and returns. The job loses nothing:
+// its run was rolled back, and it runs again when its lease expires.
+func TestWorkerShutdownAbandonsStuckGiveBack(t *testing.T) {
+	defer async.SetBookkeepingGrace(200 * time.Millisecond)()
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			rec := newRunRecorder()
+			d := newTestDB(t, kind, &async.Plugin{AfterRun: rec.hook})
+			migrateApp(t, d)
+			key := newKey(t, "stuck")
+			started := make(chan int64, 10)
+			on(t, key, func(ctx context.Context, run int64) error {
+				if run > 1 {
+					return nil
+				}
+				started <- run
+				<-ctx.Done()
+				return ctx.Err()
+			})
+			var stalling atomic.Bool
+			stalling.Store(true)
+			stalled := make(chan struct{}, 10)
+			unstick := make(chan struct{})
+			t.Cleanup(func() { close(unstick) })
+			require.NoError(t, d.DB.Callback().Raw().Before("gorm:raw").Register("test:stall_release", func(db *gorm.DB) {
+				if !stalling.Load() || !strings.Contains(db.Statement.SQL.String(), "attempts = attempts - 1") {
+					return
+				}
+				stalled <- struct{}{}
+				select {
+				case <-db.Statement.Context.Done():
+					db.AddError(context.Cause(db.Statement.Context))
+				case <-unstick:
+				}
+			}))
+			job := scheduleCtl(t, d.DB, key)
+
+			w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Lease: time.Hour,
+				PollInterval: 20 * time.Millisecond, ShutdownTimeout: 50 * time.Millisecond})
+			require.NoError(t, err)
+			ctx, cancel := context.WithCancel(context.Background())
+			ran := make(chan error, 1)
+			go func() { ran <- w.Run(ctx) }()
+			recv(t, started, time.Minute, "the run to start")
+			cancel()
+			recv(t, stalled, time.Minute, "the interrupted run's give-back")
+			require.NoError(t, recv(t, ran, 30*time.Second, "Run to return with its give-back stuck"))
+			stalling.Store(false)
+
+			info := rec.next(t, job.ID)
+			assert.Equal(t, async.OutcomeInterrupted, info.Outcome)
+			got := getJob(t, d.DB, job.ID)
+			assert.True(t, got.Pending())
+			assert.NotEmpty(t, got.LockedBy, "the abandoned give-back left the lease")
+			assert.Zero(t, effects(t, d.DB, key), "the interrupted run is rolled back")
+
+			d.Clock.Advance(time.Hour + time.Second)
+			n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+			require.NoError(t, err)
+			assert.Equal(t, 1, n, "the job runs again once its lease has expired")
+			assert.EqualValues(t, 1, effects(t, d.DB, key))
+		})
+	}
 }
