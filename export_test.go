@@ -243,3 +243,11 @@ func SetBookkeepingGrace(d time.Duration) (restore func()) {
 	bookkeepingGrace = func(time.Duration) time.Duration { return d }
 	return func() { bookkeepingGrace = old }
 }
+
+// SetFlushBookkeeping sets how long FlushQueue's bookkeeping may go on after
+// its context has ended.
+func SetFlushBookkeeping(d time.Duration) (restore func()) {
+	old := flushBookkeeping
+	flushBookkeeping = d
+	return func() { flushBookkeeping = old }
+}

@@ -40,7 +40,9 @@ const DefaultFlushJobs = 300
 // jobs ran (a failing one included). A group's final job waits for the rest
 // of its group. When another run holds the same partition it returns
 // ErrPartitionBusy at once. The context of db cancels the run (a claim
-// under way then finishes, and its job goes back to the queue at once).
+// under way then finishes, and its job goes back to the queue at once);
+// what the database has not answered 30s after that is abandoned, and the
+// job runs again when its lease expires.
 func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 	p, err := pluginOf(db)
 	if err != nil {
@@ -53,7 +55,13 @@ func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 	if limit == 0 {
 		limit = DefaultFlushJobs
 	}
-	ctx := ctxOf(db)
+	// What a cancelled run still does (its rollback, give-back, failure
+	// record), and the partition lock's release, get flushBookkeeping after
+	// ctx ends; then they are abandoned, so that FlushQueue returns even if
+	// the database stopped answering (jobs run again when their lease
+	// expires, the partition is free when its lock does).
+	ctx, end := withHardStop(ctxOf(db), flushBookkeeping)
+	defer end()
 	owner := newOwner()
 	which := 0
 	if opts.OutOf > 1 {
@@ -98,6 +106,10 @@ func FlushQueue(db *gorm.DB, opts FlushOptions) (int, error) {
 	return ran, nil
 }
 
+// flushBookkeeping is how long FlushQueue's bookkeeping may go on after its
+// context has ended.
+var flushBookkeeping = 30 * time.Second
+
 // lockTTL is how long a partition lock survives its holder without renewal.
 const lockTTL = 30 * time.Second
 
@@ -136,7 +148,7 @@ func (p *Plugin) acquireLock(ctx context.Context, name, owner string) (release f
 				return
 			case <-t.C:
 				err := p.serialize(func() error {
-					return p.session(context.WithoutCancel(ctx)).Exec("UPDATE "+lockTable+" SET expires = ? WHERE name = ? AND owner = ?",
+					return p.session(detach(ctx)).Exec("UPDATE "+lockTable+" SET expires = ? WHERE name = ? AND owner = ?",
 						p.now().Add(lockTTL), name, owner).Error
 				})
 				if err != nil {
@@ -149,7 +161,7 @@ func (p *Plugin) acquireLock(ctx context.Context, name, owner string) (release f
 		close(stop)
 		<-done
 		_ = p.serialize(func() error {
-			return p.session(context.WithoutCancel(ctx)).Exec("DELETE FROM "+lockTable+" WHERE name = ? AND owner = ?", name, owner).Error
+			return p.session(detach(ctx)).Exec("DELETE FROM "+lockTable+" WHERE name = ? AND owner = ?", name, owner).Error
 		})
 	}, nil
 }

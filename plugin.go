@@ -158,6 +158,29 @@ func detach(ctx context.Context) context.Context {
 	return d
 }
 
+// withHardStop is ctx carrying a hard stop for the bookkeeping of its runs
+// (detach), which comes after the given time once ctx has ended; end, once
+// nothing uses the context any more, releases it.
+func withHardStop(ctx context.Context, after time.Duration) (_ context.Context, end func()) {
+	hard, endHard := context.WithCancel(context.Background())
+	var mu sync.Mutex
+	var timer *time.Timer
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		timer = time.AfterFunc(after, endHard)
+	})
+	return context.WithValue(ctx, hardStopKey{}, hard), func() {
+		stop()
+		mu.Lock()
+		if timer != nil {
+			timer.Stop()
+		}
+		mu.Unlock()
+		endHard()
+	}
+}
+
 // hardStopped has the values of its Context and the cancellation of stop.
 type hardStopped struct {
 	context.Context

@@ -396,22 +396,7 @@ func TestWorkerShutdownAbandonsStuckGiveBack(t *testing.T) {
 				<-ctx.Done()
 				return ctx.Err()
 			})
-			var stalling atomic.Bool
-			stalling.Store(true)
-			stalled := make(chan struct{}, 10)
-			unstick := make(chan struct{})
-			t.Cleanup(func() { close(unstick) })
-			require.NoError(t, d.DB.Callback().Raw().Before("gorm:raw").Register("test:stall_release", func(db *gorm.DB) {
-				if !stalling.Load() || !strings.Contains(db.Statement.SQL.String(), "attempts = attempts - 1") {
-					return
-				}
-				stalled <- struct{}{}
-				select {
-				case <-db.Statement.Context.Done():
-					db.AddError(context.Cause(db.Statement.Context))
-				case <-unstick:
-				}
-			}))
+			stalled, unstall := stallStatements(t, d.DB, "attempts = attempts - 1")
 			job := scheduleCtl(t, d.DB, key)
 
 			w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Lease: time.Hour,
@@ -424,7 +409,7 @@ func TestWorkerShutdownAbandonsStuckGiveBack(t *testing.T) {
 			cancel()
 			recv(t, stalled, time.Minute, "the interrupted run's give-back")
 			require.NoError(t, recv(t, ran, 30*time.Second, "Run to return with its give-back stuck"))
-			stalling.Store(false)
+			unstall()
 
 			info := rec.next(t, job.ID)
 			assert.Equal(t, async.OutcomeInterrupted, info.Outcome)
@@ -440,4 +425,82 @@ func TestWorkerShutdownAbandonsStuckGiveBack(t *testing.T) {
 			assert.EqualValues(t, 1, effects(t, d.DB, key))
 		})
 	}
+}
+
+// stallStatements holds each statement db's callbacks run whose text
+// contains text until its context ends, as a database that stopped
+// answering would, and says so on stalled. unstall ends the stalling.
+func stallStatements(t *testing.T, db *gorm.DB, text string) (stalled <-chan struct{}, unstall func()) {
+	var stalling atomic.Bool
+	stalling.Store(true)
+	ch := make(chan struct{}, 10)
+	unstick := make(chan struct{})
+	var once sync.Once
+	unstall = func() { once.Do(func() { stalling.Store(false); close(unstick) }) }
+	t.Cleanup(unstall)
+	require.NoError(t, db.Callback().Raw().Before("gorm:raw").Register("test:stall", func(db *gorm.DB) {
+		if !stalling.Load() || !strings.Contains(db.Statement.SQL.String(), text) {
+			return
+		}
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+		select {
+		case <-db.Statement.Context.Done():
+			db.AddError(context.Cause(db.Statement.Context))
+		case <-unstick:
+		}
+	}))
+	return ch, unstall
+}
+
+// FlushQueue's bookkeeping after its context ends is bounded too: with the
+// give-back of its interrupted job unanswered, it returns, and the job runs
+// again once its lease expires.
+func TestFlushQueueAbandonsStuckGiveBack(t *testing.T) {
+	defer async.SetFlushBookkeeping(200 * time.Millisecond)()
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		key := newKey(t, "stuck")
+		started := make(chan int64, 10)
+		on(t, key, func(ctx context.Context, run int64) error {
+			if run > 1 {
+				return nil
+			}
+			started <- run
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		stalled, unstall := stallStatements(t, d.DB, "attempts = attempts - 1")
+		job := scheduleCtl(t, d.DB, key)
+
+		ctx, cancel := context.WithCancel(context.Background())
+		type result struct {
+			n   int
+			err error
+		}
+		ran := make(chan result, 1)
+		go func() {
+			n, err := async.FlushQueue(d.DB.WithContext(ctx), async.FlushOptions{})
+			ran <- result{n, err}
+		}()
+		recv(t, started, time.Minute, "the run to start")
+		cancel()
+		recv(t, stalled, time.Minute, "the interrupted run's give-back")
+		r := recv(t, ran, 30*time.Second, "FlushQueue to return with its give-back stuck")
+		unstall()
+		assert.ErrorIs(t, r.err, context.Canceled)
+		assert.Zero(t, r.n)
+		got := getJob(t, d.DB, job.ID)
+		assert.True(t, got.Pending())
+		assert.NotEmpty(t, got.LockedBy, "the abandoned give-back left the lease")
+		assert.Zero(t, effects(t, d.DB, key), "the interrupted run is rolled back")
+
+		d.Clock.Advance(time.Hour) // past the lease, and the partition lock's TTL
+		n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+		require.NoError(t, err)
+		assert.Equal(t, 1, n, "the job runs again once its lease has expired")
+		assert.EqualValues(t, 1, effects(t, d.DB, key))
+	})
 }
