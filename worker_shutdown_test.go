@@ -385,46 +385,86 @@ func TestWorkerShutdownAbandonsStuckGiveBack(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			rec := newRunRecorder()
 			d := newTestDB(t, kind, &async.Plugin{AfterRun: rec.hook})
-			migrateApp(t, d)
-			key := newKey(t, "stuck")
-			started := make(chan int64, 10)
-			on(t, key, func(ctx context.Context, run int64) error {
-				if run > 1 {
-					return nil
-				}
-				started <- run
-				<-ctx.Done()
-				return ctx.Err()
-			})
-			stalled, unstall := stallStatements(t, d.DB, "attempts = attempts - 1")
-			job := scheduleCtl(t, d.DB, key)
-
+			s := newStuckGiveBack(t, d)
 			w, err := async.NewWorker(d.DB, async.WorkerOptions{Concurrency: 1, Lease: time.Hour,
 				PollInterval: 20 * time.Millisecond, ShutdownTimeout: 50 * time.Millisecond})
 			require.NoError(t, err)
 			ctx, cancel := context.WithCancel(context.Background())
 			ran := make(chan error, 1)
 			go func() { ran <- w.Run(ctx) }()
-			recv(t, started, time.Minute, "the run to start")
-			cancel()
-			recv(t, stalled, time.Minute, "the interrupted run's give-back")
+			s.stop(t, cancel)
 			require.NoError(t, recv(t, ran, 30*time.Second, "Run to return with its give-back stuck"))
-			unstall()
-
-			info := rec.next(t, job.ID)
-			assert.Equal(t, async.OutcomeInterrupted, info.Outcome)
-			got := getJob(t, d.DB, job.ID)
-			assert.True(t, got.Pending())
-			assert.NotEmpty(t, got.LockedBy, "the abandoned give-back left the lease")
-			assert.Zero(t, effects(t, d.DB, key), "the interrupted run is rolled back")
-
-			d.Clock.Advance(time.Hour + time.Second)
-			n, err := async.FlushQueue(d.DB, async.FlushOptions{})
-			require.NoError(t, err)
-			assert.Equal(t, 1, n, "the job runs again once its lease has expired")
-			assert.EqualValues(t, 1, effects(t, d.DB, key))
+			assert.Equal(t, async.OutcomeInterrupted, rec.next(t, s.job.ID).Outcome)
+			s.checkAbandoned(t, d)
 		})
 	}
+}
+
+// FlushQueue's bookkeeping after its context ends is bounded too.
+func TestFlushQueueAbandonsStuckGiveBack(t *testing.T) {
+	defer async.SetFlushBookkeeping(200 * time.Millisecond)()
+	eachDB(t, func(t *testing.T, d *testDB) {
+		s := newStuckGiveBack(t, d)
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() {
+			n, err := async.FlushQueue(d.DB.WithContext(ctx), async.FlushOptions{})
+			assert.Zero(t, n)
+			ran <- err
+		}()
+		s.stop(t, cancel)
+		assert.ErrorIs(t, recv(t, ran, 30*time.Second, "FlushQueue to return with its give-back stuck"), context.Canceled)
+		s.checkAbandoned(t, d)
+	})
+}
+
+// stuckGiveBack is a job whose first run blocks until its context ends, on a
+// database that never answers a give-back (stallStatements).
+type stuckGiveBack struct {
+	job     *async.Job
+	key     string
+	started chan int64
+	stalled <-chan struct{}
+	unstall func()
+}
+
+func newStuckGiveBack(t *testing.T, d *testDB) *stuckGiveBack {
+	migrateApp(t, d)
+	s := &stuckGiveBack{key: newKey(t, "stuck"), started: make(chan int64, 10)}
+	on(t, s.key, func(ctx context.Context, run int64) error {
+		if run > 1 {
+			return nil
+		}
+		s.started <- run
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	s.stalled, s.unstall = stallStatements(t, d.DB, "attempts = attempts - 1")
+	s.job = scheduleCtl(t, d.DB, s.key)
+	return s
+}
+
+// stop waits for the run to start, cancels it, and waits for its give-back.
+func (s *stuckGiveBack) stop(t *testing.T, cancel func()) {
+	recv(t, s.started, time.Minute, "the run to start")
+	cancel()
+	recv(t, s.stalled, time.Minute, "the interrupted run's give-back")
+}
+
+// checkAbandoned checks, once the runner has returned, that the job lost
+// nothing and runs again once its lease has expired.
+func (s *stuckGiveBack) checkAbandoned(t *testing.T, d *testDB) {
+	s.unstall()
+	got := getJob(t, d.DB, s.job.ID)
+	assert.True(t, got.Pending())
+	assert.NotEmpty(t, got.LockedBy, "the abandoned give-back left the lease")
+	assert.Zero(t, effects(t, d.DB, s.key), "the interrupted run is rolled back")
+
+	d.Clock.Advance(2 * time.Hour) // past the lease, and a partition lock's TTL
+	n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, 1, n, "the job runs again once its lease has expired")
+	assert.EqualValues(t, 1, effects(t, d.DB, s.key))
 }
 
 // stallStatements holds each statement db's callbacks run whose text
@@ -453,54 +493,4 @@ func stallStatements(t *testing.T, db *gorm.DB, text string) (stalled <-chan str
 		}
 	}))
 	return ch, unstall
-}
-
-// FlushQueue's bookkeeping after its context ends is bounded too: with the
-// give-back of its interrupted job unanswered, it returns, and the job runs
-// again once its lease expires.
-func TestFlushQueueAbandonsStuckGiveBack(t *testing.T) {
-	defer async.SetFlushBookkeeping(200 * time.Millisecond)()
-	eachDB(t, func(t *testing.T, d *testDB) {
-		migrateApp(t, d)
-		key := newKey(t, "stuck")
-		started := make(chan int64, 10)
-		on(t, key, func(ctx context.Context, run int64) error {
-			if run > 1 {
-				return nil
-			}
-			started <- run
-			<-ctx.Done()
-			return ctx.Err()
-		})
-		stalled, unstall := stallStatements(t, d.DB, "attempts = attempts - 1")
-		job := scheduleCtl(t, d.DB, key)
-
-		ctx, cancel := context.WithCancel(context.Background())
-		type result struct {
-			n   int
-			err error
-		}
-		ran := make(chan result, 1)
-		go func() {
-			n, err := async.FlushQueue(d.DB.WithContext(ctx), async.FlushOptions{})
-			ran <- result{n, err}
-		}()
-		recv(t, started, time.Minute, "the run to start")
-		cancel()
-		recv(t, stalled, time.Minute, "the interrupted run's give-back")
-		r := recv(t, ran, 30*time.Second, "FlushQueue to return with its give-back stuck")
-		unstall()
-		assert.ErrorIs(t, r.err, context.Canceled)
-		assert.Zero(t, r.n)
-		got := getJob(t, d.DB, job.ID)
-		assert.True(t, got.Pending())
-		assert.NotEmpty(t, got.LockedBy, "the abandoned give-back left the lease")
-		assert.Zero(t, effects(t, d.DB, key), "the interrupted run is rolled back")
-
-		d.Clock.Advance(time.Hour) // past the lease, and the partition lock's TTL
-		n, err := async.FlushQueue(d.DB, async.FlushOptions{})
-		require.NoError(t, err)
-		assert.Equal(t, 1, n, "the job runs again once its lease has expired")
-		assert.EqualValues(t, 1, effects(t, d.DB, key))
-	})
 }
