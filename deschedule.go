@@ -54,7 +54,12 @@ func Deschedule(tx *gorm.DB, task any, opts ...Option) (int64, error) {
 		return e
 	}
 	if inTransaction(db) {
-		err = work(db)
+		// Its locking read comes before its write: on SQLite take the
+		// write lock first (writeTx), or the write fails at once while
+		// another connection holds it.
+		if err = p.dialect.beginWrite(db); err == nil {
+			err = work(db)
+		}
 	} else {
 		// A plain handle: lock and update in one short transaction of our own.
 		err = p.serializeEntry(ctxOf(db), "deschedule "+job.String(), func() error { return p.writeTx(db, work) })

@@ -117,12 +117,16 @@ func Schedule(tx *gorm.DB, task any, opts ...Option) (*Job, error) {
 }
 
 // atomically runs work in db's transaction or, on a plain handle, in a
-// short transaction of its own (on SQLite taking the write lock first), so
-// that work's statements commit together. (Unlike Deschedule's, it does not
-// queue behind this process's other SQLite writers: a task that schedules
-// through a plain handle instead of its own would wait for itself.)
+// short transaction of its own, so that work's statements commit together.
+// Either way it takes SQLite's write lock first (beginWrite), since work
+// reads before it writes. (Unlike Deschedule's, it does not queue behind
+// this process's other SQLite writers: a task that schedules through a
+// plain handle instead of its own would wait for itself.)
 func (p *Plugin) atomically(db *gorm.DB, work func(db *gorm.DB) error) error {
 	if inTransaction(db) {
+		if err := p.dialect.beginWrite(db); err != nil {
+			return err
+		}
 		return work(db)
 	}
 	return p.writeTx(db, work)
@@ -131,6 +135,13 @@ func (p *Plugin) atomically(db *gorm.DB, work func(db *gorm.DB) error) error {
 // writeTx runs work in a transaction of its own begun on db, which takes
 // the database's write lock first (beginWrite: on SQLite, so that work may
 // read before it writes).
+//
+// Work done in the caller's transaction that reads before it writes calls
+// beginWrite too: on SQLite a transaction that has read cannot wait for the
+// write lock (SQLite does not run the busy handler to upgrade it), so its
+// first write would fail at once with SQLITE_BUSY whenever another
+// connection, a running job's, held the lock. (A caller's transaction that
+// has already read gets that anyway.)
 func (p *Plugin) writeTx(db *gorm.DB, work func(db *gorm.DB) error) error {
 	return db.Transaction(func(t *gorm.DB) error {
 		if err := p.dialect.beginWrite(t); err != nil {
@@ -292,13 +303,12 @@ func scheduleMany(tx *gorm.DB, calls []Call, m insertMethod) ([]*Job, error) {
 		return nil, fmt.Errorf("async: schedule many: the handle already carries an error: %w", tx.Error)
 	}
 	db := tx.Session(&gorm.Session{NewDB: true})
-	inTx := inTransaction(db)
 	// In a transaction, a savepoint: a failed chunk takes the others back
 	// with it even if the caller commits anyway.
 	err = db.Transaction(func(db *gorm.DB) error {
-		if !inTx && refs != nil {
-			// Its own transaction reads groups before it writes: on SQLite
-			// it takes the write lock first (beginWrite).
+		if refs != nil {
+			// It reads groups before it writes: on SQLite it takes the
+			// write lock first (beginWrite), in the caller's transaction too.
 			if err := p.dialect.beginWrite(db); err != nil {
 				return err
 			}
