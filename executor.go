@@ -108,7 +108,8 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		infos[k].Duration = time.Since(infos[k].Started)
 	}
 	var tx *runTxn
-	var inTx []int // jobs whose outcome commits with tx
+	var inTx []int              // jobs whose outcome commits with tx
+	var wrote map[int]time.Time // jobs completed in tx but the last: the start their completion wrote
 	shared := len(jobs)-first > 1
 	// Several jobs in one transaction: what a job's outcome wrote into its
 	// *Job (its claim cleared, a new schedule) holds only once tx commits.
@@ -126,14 +127,16 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		}
 	}
 	// abort rolls the transaction back: job k's failure is recorded apart;
-	// the others that ran in it are given back to run again.
-	abort := func(k int, t *task, err error, stack string) int {
+	// the others that ran in it are given back to run again. wrote is
+	// afterBrokenTx's: nil unless the commit with job k's completion
+	// failed, which may have taken effect all the same.
+	abort := func(k int, t *task, err error, stack string, wrote *time.Time) int {
 		if tx != nil {
 			tx.rollback()
 		}
 		undo(append(inTx, k)...)
 		p.releaseAll(detach(ctx), jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
-		out, err := p.afterBrokenTx(detach(ctx), jobs[k], t, err, stack)
+		out, err := p.afterBrokenTx(detach(ctx), jobs[k], t, err, stack, wrote)
 		setInfo(k, out, err)
 		return k + 1
 	}
@@ -180,7 +183,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			fenced, err = tx.exec(q, args...)
 		}
 		if err != nil {
-			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, err), "")
+			return abort(k, nil, fmt.Errorf("async: starting job %d: %w", job.ID, err), "", nil)
 		}
 		if fenced == 0 {
 			setInfo(k, OutcomeSkipped, errorf(ErrLeaseLost, "job %d was cancelled or claimed by another worker before it started", job.ID))
@@ -196,7 +199,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		sp := fmt.Sprintf("async_job_%d", k-first)
 		if shared {
 			if err := tx.db.SavePoint(sp).Error; err != nil {
-				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "")
+				return abort(k, nil, fmt.Errorf("async: savepoint: %w", err), "", nil)
 			}
 		}
 		t, result, err, stack := p.runTask(ctx, tx, job, o.timeout)
@@ -217,6 +220,10 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			}
 			_, cerr := tx.exec(completeSQL, now, done, result, job.ID)
 			if cerr == nil {
+				if wrote == nil {
+					wrote = map[int]time.Time{}
+				}
+				wrote[k] = now
 				job.Executed, job.Result, job.LockedBy, job.LockedUntil = &done, result, "", nil
 				setInfo(k, OutcomeExecuted, nil)
 				inTx = append(inTx, k)
@@ -227,14 +234,14 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			err = fmt.Errorf("async: completing job %d: %w", job.ID, cerr)
 		}
 		if !shared {
-			return abort(k, t, err, stack) // rolls back, records the failure apart
+			return abort(k, t, err, stack, nil) // rolls back, records the failure apart
 		}
 		if rb := tx.db.RollbackTo(sp).Error; rb != nil {
-			return abort(k, t, err, stack)
+			return abort(k, t, err, stack, nil)
 		}
 		out, recErr := p.recordFailure(tx.db, job, t, err, stack)
 		if recErr != nil {
-			return abort(k, t, err, stack)
+			return abort(k, t, err, stack, nil)
 		}
 		setInfo(k, out, err)
 		inTx = append(inTx, k)
@@ -258,7 +265,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 				execErr, err = tx.commitAfter(completeSQL, lastDone.started, lastDone.at, lastDone.result, job.ID)
 			}
 			if execErr != nil {
-				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack)
+				return abort(lastDone.k, lastDone.t, fmt.Errorf("async: completing job %d: %w", job.ID, execErr), lastDone.stack, &lastDone.started)
 			}
 			inTx = append(inTx, lastDone.k)
 			if err == nil {
@@ -269,11 +276,19 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 			err = tx.commit()
 		}
 		if err != nil {
-			// Which job made the commit fail is unknown: each records a failure.
+			// Which job made the commit fail is unknown: each records a
+			// failure. (The commit may have taken effect all the same: the
+			// jobs it completed then tell by their start.)
 			tx.rollback()
 			undo(inTx...)
 			for _, i := range inTx {
-				out, e := p.afterBrokenTx(detach(ctx), jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "")
+				var w *time.Time
+				if i == lastDone.k {
+					w = &lastDone.started
+				} else if at, ok := wrote[i]; ok {
+					w = &at
+				}
+				out, e := p.afterBrokenTx(detach(ctx), jobs[i], lookupTask(jobs[i].Name), fmt.Errorf("async: committing job %d: %w", jobs[i].ID, err), "", w)
 				setInfo(i, out, e)
 			}
 		}

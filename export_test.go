@@ -227,13 +227,15 @@ func SetWriterWait(db *gorm.DB, d time.Duration) {
 }
 
 // AfterBrokenTxForTest records err as the failure of job's run, as after a
-// transaction that could not be used (afterBrokenTx).
-func AfterBrokenTxForTest(db *gorm.DB, job *Job, err error) (Outcome, error) {
+// transaction that could not be used (afterBrokenTx): wrote is nil for a
+// transaction rolled back, else the start time written by the completion
+// of a commit that failed.
+func AfterBrokenTxForTest(db *gorm.DB, job *Job, err error, wrote *time.Time) (Outcome, error) {
 	p, perr := pluginOf(db)
 	if perr != nil {
 		return "", perr
 	}
-	return p.afterBrokenTx(context.Background(), job, lookupTask(job.Name), err, "")
+	return p.afterBrokenTx(context.Background(), job, lookupTask(job.Name), err, "", wrote)
 }
 
 // SetBookkeepingGrace sets how long Worker.Run's shutdown lets bookkeeping

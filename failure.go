@@ -15,8 +15,13 @@ import (
 // its retry policy or ends it failed.
 
 // afterBrokenTx records a failure in a fresh transaction when the job's own
-// transaction can no longer be used.
-func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string) (Outcome, error) {
+// transaction can no longer be used. wrote is nil when that transaction
+// certainly did not commit (it was rolled back: the task failed, or a
+// statement before the completion did); when its commit may have taken
+// effect though an error was reported, wrote is the start time its
+// completion wrote, by which executedBy tells the run's own commit from
+// another run's.
+func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error, stack string, wrote *time.Time) (Outcome, error) {
 	job.Started = nil
 	var outcome Outcome
 	recErr := p.writeTx(p.session(ctx), func(tx *gorm.DB) error {
@@ -31,10 +36,10 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 			"job", job.ID, "error", err, "record_error", recErr)
 		return OutcomeRetry, err
 	}
-	if outcome == OutcomeSkipped && p.executedBy(ctx, job) {
+	if outcome == OutcomeSkipped && wrote != nil && p.executedBy(ctx, job, *wrote) {
 		// The run's COMMIT took effect though its outcome could not be
 		// read (the connection died after it): the job is executed by
-		// this very attempt, which no other run shares.
+		// this very run.
 		p.Logger.Warn("async: a run's commit reported an error but took effect; the job is executed",
 			"job", job.ID, "error", err)
 		return OutcomeExecuted, nil
@@ -42,15 +47,18 @@ func (p *Plugin) afterBrokenTx(ctx context.Context, job *Job, t *task, err error
 	return outcome, err
 }
 
-// executedBy reports whether job is executed with the attempt of the run
-// whose claim job holds.
-func (p *Plugin) executedBy(ctx context.Context, job *Job) bool {
+// executedBy reports whether job is executed by the run whose claim job
+// holds and whose completion wrote started: the same attempt and the same
+// start time. The attempt alone does not tell: Retry resets the count and
+// a release uncounts an attempt, so a later run may have the same.
+func (p *Plugin) executedBy(ctx context.Context, job *Job, started time.Time) bool {
 	var row struct {
 		Executed *time.Time
+		Started  *time.Time
 		Attempts int
 	}
-	err := p.session(ctx).Raw("SELECT executed, attempts FROM "+jobTable+" WHERE id = ?", job.ID).Scan(&row).Error
-	if err != nil || row.Executed == nil || row.Attempts != job.Attempts {
+	err := p.session(ctx).Raw("SELECT executed, started, attempts FROM "+jobTable+" WHERE id = ?", job.ID).Scan(&row).Error
+	if err != nil || row.Executed == nil || row.Attempts != job.Attempts || row.Started == nil || !row.Started.Equal(started) {
 		return false
 	}
 	job.Executed, job.LockedBy, job.LockedUntil = row.Executed, "", nil

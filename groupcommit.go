@@ -75,7 +75,7 @@ func (p *Plugin) runOptimistic(ctx context.Context, jobs []*Job, infos []RunInfo
 		if err != nil {
 			// Record this failure on its own, then redo the others carefully.
 			tx.rollback()
-			out, e := p.afterBrokenTx(detach(ctx), job, t, err, stack)
+			out, e := p.afterBrokenTx(detach(ctx), job, t, err, stack, nil) // rolled back
 			infos[k].Outcome, infos[k].Err = out, e
 			infos[k].Duration = time.Since(infos[k].Started)
 			next := careful(k)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -282,29 +283,116 @@ func TestClaimKeepsItsJobsWhenEndingExhaustedOnesFails(t *testing.T) {
 // connection died after the COMMIT, as when MariaDB's compound statement
 // carrying it and the next run's start fails) goes to the failure path; it
 // is reported executed there, not skipped with an error, when the job is
-// executed by the run's own attempt. A job executed by another attempt is
-// still skipped.
+// executed by the run itself: its attempt and the start its completion
+// wrote. A job executed by another run is still skipped, and so is a run
+// whose transaction was rolled back.
 func TestCommitThatTookEffectIsReportedExecuted(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		job := scheduleCtl(t, d.DB, newKey(t, "committed"))
-		now := d.Clock.Now()
+		now := d.Clock.Now().UTC().Truncate(time.Microsecond)
 		require.NoError(t, d.DB.Model(&async.Job{}).Where("id = ?", job.ID).
 			Updates(map[string]any{"attempts": 1, "executed": now, "started": now}).Error)
 		lostConn := errors.New("invalid connection")
 
 		run := *job
 		run.Attempts, run.LockedBy = 1, "this-run"
-		out, err := async.AfterBrokenTxForTest(d.DB, &run, lostConn)
+		out, err := async.AfterBrokenTxForTest(d.DB, &run, lostConn, &now)
 		assert.Equal(t, async.OutcomeExecuted, out)
 		assert.NoError(t, err)
 		assert.NotNil(t, run.Executed)
 
-		other := *job
-		other.Attempts, other.LockedBy = 2, "a-later-run"
-		out, err = async.AfterBrokenTxForTest(d.DB, &other, lostConn)
-		assert.Equal(t, async.OutcomeSkipped, out)
-		assert.ErrorIs(t, err, lostConn)
+		for what, c := range map[string]struct {
+			attempts int
+			wrote    *time.Time
+		}{
+			"a later attempt":                     {2, &now},
+			"the same attempt, another start":     {1, new(now.Add(-time.Second))},
+			"a run whose transaction rolled back": {1, nil},
+		} {
+			other := *job
+			other.Attempts, other.LockedBy = c.attempts, "another-run"
+			out, err = async.AfterBrokenTxForTest(d.DB, &other, lostConn, c.wrote)
+			assert.Equal(t, async.OutcomeSkipped, out, what)
+			assert.ErrorIs(t, err, lostConn, what)
+		}
 		assert.Zero(t, count(t, d.DB, "async_error", ""), "no failure recorded")
 	})
+}
+
+// ctlNoWrite does what the test registered for key with on(), writing
+// nothing: two runs of its job may overlap without one waiting for the
+// other's row.
+func ctlNoWrite(ctx context.Context, tx *gorm.DB, key string) error {
+	n := incRun(key)
+	if b, ok := behaviours.Load(key); ok {
+		return b.(behaviour)(ctx, n)
+	}
+	return nil
+}
+
+func init() { async.MustRegister(ctlNoWrite) }
+
+// A run whose task failed is not reported executed because another run,
+// later, executed the job with the same attempt number: Retry resets the
+// count (as a release uncounts an attempt), so an attempt number does not
+// identify a run. Here x's first run, in a group-commit batch (whose rows
+// are not locked), sees x cancelled, retried and executed by Job.Execute
+// (attempt 1 again), then fails: AfterRun must see one executed run of x,
+// Execute's, and the failing one skipped. Found by TestStress.
+func TestFailedRunIsNotReportedExecutedByAnotherRunsCommit(t *testing.T) {
+	t.Log("Postgres and MySQL only: the batch's run goes on while other connections change its job")
+	for _, kind := range []string{"postgres", "mysql"} {
+		t.Run(kind, func(t *testing.T) {
+			var mu sync.Mutex
+			var outcomes []async.Outcome
+			var xID atomic.Int64
+			d := newTestDB(t, kind, &async.Plugin{AfterRun: func(_ context.Context, info async.RunInfo) {
+				if info.Job.ID == xID.Load() {
+					mu.Lock()
+					outcomes = append(outcomes, info.Outcome)
+					mu.Unlock()
+				}
+			}})
+			kx, ky := newKey(t, "x"), newKey(t, "y")
+			x, err := async.Schedule(d.DB, ctlNoWrite, async.Args(kx), async.Priority(9))
+			require.NoError(t, err)
+			xID.Store(x.ID)
+			_, err = async.Schedule(d.DB, ctlNoWrite, async.Args(ky))
+			require.NoError(t, err)
+			executedByOther := make(chan struct{})
+			on(t, kx, func(ctx context.Context, run int64) error {
+				if run != 1 {
+					return nil // Execute's run
+				}
+				defer close(executedByOther)
+				n, err := async.Deschedule(d.DB, ctlNoWrite, async.Args(kx))
+				if err != nil || n != 1 {
+					t.Errorf("Deschedule: n=%d err=%v", n, err)
+				}
+				if err := async.Retry(d.DB, x.ID); err != nil {
+					t.Errorf("Retry: %v", err)
+				}
+				j := *x
+				if err := j.Execute(d.DB); err != nil {
+					t.Errorf("Execute: %v", err)
+				}
+				return errors.New("the first run fails")
+			})
+			startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+			recv(t, executedByOther, 30*time.Second, "x's first run")
+			waitFor(t, 30*time.Second, "x's two runs reported", func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(outcomes) == 2
+			})
+			mu.Lock()
+			defer mu.Unlock()
+			assert.ElementsMatch(t, []async.Outcome{async.OutcomeExecuted, async.OutcomeSkipped}, outcomes,
+				"one run executed x (Execute's); the failed one did not")
+			gx := getJob(t, d.DB, x.ID)
+			assert.NotNil(t, gx.Executed)
+			assert.Equal(t, 1, gx.Attempts)
+		})
+	}
 }
