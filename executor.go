@@ -304,7 +304,9 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 // error after a statement of its ended the transaction (lostTx) fails.
 func (p *Plugin) runTask(ctx context.Context, tx *runTxn, job *Job, timeout time.Duration) (t *task, result string, err error, stack string) {
 	tctx, tdb, endTask := tx.startTask(ctx)
+	tx.rc.running.Store(job.ID)
 	t, result, err, stack = p.callTask(tctx, tdb, job, timeout)
+	tx.rc.running.Store(0)
 	endTask()
 	if err == nil {
 		err = tx.lostTx()

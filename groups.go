@@ -41,12 +41,21 @@ func (p *Plugin) joinGroup(db *gorm.DB, reference string) (*int64, error) {
 	last := int64(-1) // the reference's highest generation, read when a group must be started
 	for {
 		if g.ID != 0 {
+			finalDone := false
+			if g.FinalID != nil {
+				if finalDone, err = p.holdFinal(db, *g.FinalID); err != nil {
+					return nil, fmt.Errorf("async: reading final job of group %q: %w", reference, err)
+				}
+			}
 			switch open, err := groupOpen(db, &g); {
 			case err != nil:
 				return nil, err
-			case open:
+			case open && !finalDone:
 				return &g.ID, nil
 			}
+			// A final job done means a group done: under MySQL's
+			// REPEATABLE READ the count may come from a snapshot taken
+			// before the final job (waited for above) committed.
 		}
 		if last < 0 {
 			if err := db.Model(&Group{}).Select("COALESCE(MAX(generation), 0)").Where("reference = ?", reference).Scan(&last).Error; err != nil {
@@ -75,6 +84,39 @@ func (p *Plugin) joinGroup(db *gorm.DB, reference string) (*int64, error) {
 			return nil, fmt.Errorf("async: reading group %q generation %d: %w", reference, gen, err)
 		}
 	}
+}
+
+// holdFinal keeps a group's final job (id) from running until the
+// transaction of a job joining the group ends, and reports whether the
+// final job is done already. Its row stays locked until then: a claim
+// skips it (SKIP LOCKED), and a run that already holds it (strict mode)
+// is waited for, so that the job then finds the group done and starts the
+// next generation. A claim on it that has not started its run (a
+// worker's ready job, or a group-commit batch, which does not lock its
+// rows) is taken back, its attempt uncounted: that run is skipped, and the
+// final job runs after the joining job. Without this, a job joining a
+// group whose final job was claimed (a group whose only job is its final
+// job runs it at once) ended up pending in a group whose final job had run.
+// The final job's own task, joining its group, finds it done likewise: the
+// group ends with it.
+func (p *Plugin) holdFinal(db *gorm.DB, id int64) (done bool, err error) {
+	if rc, ok := db.Statement.ConnPool.(*runConn); ok && rc.running.Load() == id {
+		return true, nil
+	}
+	var f []Job
+	err = db.Clauses(clause.Locking{Strength: clause.LockingStrengthUpdate}).
+		Select("id, executed, cancelled, failed, attempts, locked_by, locked_until").Where("id = ?", id).Limit(1).Find(&f).Error
+	if err != nil || len(f) == 0 {
+		return false, err // none (removed by cleanup): nothing to hold
+	}
+	if !f[0].Pending() {
+		return true, nil
+	}
+	if f[0].LockedBy != "" && f[0].LockedUntil != nil && f[0].LockedUntil.After(p.now()) {
+		err = db.Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
+			id, f[0].LockedBy, f[0].Attempts).Error
+	}
+	return false, err
 }
 
 // groupOpen reports whether jobs may still join g: none of its jobs is done

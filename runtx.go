@@ -78,6 +78,9 @@ type runConn struct {
 	// lost is the error of a task's statement that ended the run's
 	// transaction on the server (a deadlock: see lostTx), if any.
 	lost atomic.Pointer[error]
+	// running is the id of the job whose task runs on this handle, 0
+	// between tasks (holdFinal).
+	running atomic.Int64
 }
 
 // saw records err, a task's statement's error, if it ended the run's
