@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -106,8 +107,67 @@ func (p *Plugin) claim(ctx context.Context, f *claimFilter) ([]*Job, error) {
 			return p.claim(ctx, f) // those are out of the way: look again
 		}
 	}
+	if dropped := p.dropWaitingFinals(ctx, &claimed); dropped && len(claimed) == 0 {
+		return p.claim(ctx, f) // those wait for their groups: look again
+	}
 	sort.Slice(claimed, func(a, b int) bool { return runsBefore(claimed[a], claimed[b]) })
 	return claimed, nil
+}
+
+// dropWaitingFinals gives back the group final jobs among the jobs a claim
+// took whose group has another job pending after all, and reports whether
+// it gave any back. The claim's own test of that can read a group as it was
+// before a job joined it, the job's transaction committed before the claim
+// locked the final job's row: its read of the job rows it takes sees their
+// newest version, but the group test, a subquery, sees the snapshot its
+// statement began with (Postgres) or took at its first use (MySQL). Read
+// after the claim has committed, the group shows every job that joined it
+// before then, and a job that joins it later takes the claim back itself
+// (holdFinal). SQLite, whose one writer keeps claims and scheduling apart,
+// needs none of this.
+func (p *Plugin) dropWaitingFinals(ctx context.Context, jobs *[]*Job) bool {
+	if p.dialect.singleWriter {
+		return false
+	}
+	var ids []int64
+	for _, j := range *jobs {
+		if j.GroupID != nil {
+			ids = append(ids, j.ID)
+		}
+	}
+	if len(ids) == 0 {
+		return false
+	}
+	waiting := map[int64]bool{}
+	for chunk := range slices.Chunk(ids, idChunk) {
+		var got []int64
+		err := p.session(ctx).Raw("SELECT j.id FROM "+jobTable+" j JOIN "+groupTable+" g ON g.id = j.group_id AND g.final_id = j.id"+
+			" WHERE j.id IN ? AND EXISTS (SELECT 1 FROM "+jobTable+" o WHERE o.group_id = g.id AND o.id <> j.id AND "+pending("o")+")", chunk).
+			Scan(&got).Error
+		if err != nil {
+			// Leased already: they run, as before this test.
+			p.Logger.Warn("async: could not check claimed final jobs against their groups", "jobs", ids, "error", err)
+			return false
+		}
+		for _, id := range got {
+			waiting[id] = true
+		}
+	}
+	if len(waiting) == 0 {
+		return false
+	}
+	var back []*Job
+	kept := (*jobs)[:0]
+	for _, j := range *jobs {
+		if waiting[j.ID] {
+			back = append(back, j)
+		} else {
+			kept = append(kept, j)
+		}
+	}
+	*jobs = kept
+	p.release(ctx, back) // one claim: one owner
+	return true
 }
 
 // claimOneUpdate is the claimByOneUpdate strategy, one statement: UPDATE
