@@ -596,7 +596,8 @@ func (s *stressState) execute(r *rand.Rand, db *gorm.DB) {
 	switch {
 	case err == nil:
 		s.note(stressJobKey(&j), func(sk *stressKey) { sk.executes++ })
-	case expectedTaskErr(err), errors.Is(err, async.ErrNotPending), errors.Is(err, async.ErrWriterBusy):
+	case expectedTaskErr(err), errors.Is(err, async.ErrNotPending), errors.Is(err, async.ErrWriterBusy),
+		errors.Is(err, async.ErrJobClaimed): // a worker, a FlushQueue or another Execute holds it
 	case errors.Is(err, async.ErrLeaseLost):
 		// Another Execute took the job over, or a Deschedule cancelled it,
 		// between this one's claim and its run.
