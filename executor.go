@@ -130,6 +130,7 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 	// the others that ran in it are given back to run again. wrote is
 	// afterBrokenTx's: nil unless the commit with job k's completion
 	// failed, which may have taken effect all the same.
+	var win *window
 	abort := func(k int, t *task, err error, stack string, wrote *time.Time) int {
 		if tx != nil {
 			tx.rollback()
@@ -138,12 +139,15 @@ func (p *Plugin) runTx(ctx context.Context, jobs []*Job, infos []RunInfo, first 
 		p.releaseAll(detach(ctx), jobs, inTx, infos, fmt.Errorf("async: shared transaction rolled back: %w", err))
 		out, err := p.afterBrokenTx(detach(ctx), jobs[k], t, err, stack, wrote)
 		setInfo(k, out, err)
+		if win.stop() {
+			return len(jobs) // the window released the rest
+		}
 		return k + 1
 	}
 	// With group commit, the window bounds the transaction by time; the
 	// jobs not started go back to the queue if a slow job holds them
 	// (window.go).
-	win := p.batchWindow(bg, jobs, first, o.window)
+	win = p.batchWindow(bg, jobs, first, o.window)
 	defer win.stop()
 	// The last job's completion is sent with the COMMIT.
 	var lastDone struct {
