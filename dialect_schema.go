@@ -1,12 +1,8 @@
 package async
 
-import (
-	"fmt"
+import "gorm.io/gorm"
 
-	"gorm.io/gorm"
-)
-
-// The job table's schema beyond what GORM's AutoMigrate expresses: the
+// The job table's schema beyond what GORM's models express: the
 // pending-jobs index, secondary indexes, Postgres's notify trigger and
 // fillfactor. Like dialect.go, it knows database names.
 
@@ -14,9 +10,9 @@ import (
 // every insert; the notification is delivered when the inserting transaction commits.
 const notifyChannel = "async_job"
 
-// secondaryIndexes creates the job table's secondary indexes besides
-// async_job_pending on Postgres and SQLite, replacing those of earlier
-// versions. On Postgres every new row version that is not a HOT update
+// secondaryIndexes are the job table's secondary indexes besides
+// async_job_pending on Postgres and SQLite, and those of earlier versions
+// they replace. On Postgres every new row version that is not a HOT update
 // (every completion, and a claim on a full page: see jobFillfactor) writes
 // an entry into each index, so group_id is indexed only for jobs in a group
 // (most have none), and async_job_name, which earlier versions created and
@@ -28,11 +24,19 @@ const notifyChannel = "async_job"
 // to a fifth of its throughput (919 against 4,684-5,015 no-op jobs/s). MySQL
 // has no partial indexes; InnoDB rewrites a secondary index entry only when
 // its columns change, so a full index costs little there.
-var secondaryIndexes = []string{
-	`DROP INDEX IF EXISTS async_job_name`,
-	`CREATE INDEX IF NOT EXISTS async_job_identity ON async_job (identity)`,
-	`DROP INDEX IF EXISTS async_job_group`,
-	`CREATE INDEX IF NOT EXISTS async_job_group_member ON async_job (group_id) WHERE group_id IS NOT NULL`,
+var secondaryIndexes = []jobIndex{
+	{name: "async_job_name", drop: true},
+	{name: "async_job_identity", ddl: `CREATE INDEX IF NOT EXISTS async_job_identity ON async_job (identity)`},
+	{name: "async_job_group", drop: true},
+	{name: "async_job_group_member", ddl: `CREATE INDEX IF NOT EXISTS async_job_group_member ON async_job (group_id) WHERE group_id IS NOT NULL`},
+}
+
+// jobIndex is an index of async_job that migration creates with ddl where
+// it is missing or, if drop, drops where it exists.
+type jobIndex struct {
+	name string
+	ddl  string
+	drop bool
 }
 
 // jobFillfactor leaves half of each page of async_job free on Postgres, for
@@ -43,59 +47,108 @@ var secondaryIndexes = []string{
 // A completion changes the pending index's predicate columns and is never
 // HOT. A fillfactor the table already has, set by its owner, is kept; it
 // applies to rows inserted from then on.
-const jobFillfactor = `DO $$ BEGIN
-IF NOT EXISTS (SELECT 1 FROM pg_class c, unnest(c.reloptions) o WHERE c.oid = 'async_job'::regclass AND o LIKE 'fillfactor=%') THEN
-ALTER TABLE async_job SET (fillfactor = 50);
-END IF; END $$`
+const (
+	hasFillfactor = `SELECT COUNT(*) FROM pg_class c, unnest(c.reloptions) o WHERE c.oid = 'async_job'::regclass AND o LIKE 'fillfactor=%'`
+	jobFillfactor = `ALTER TABLE async_job SET (fillfactor = 50)`
+)
 
-// migrateExtras creates what GORM's AutoMigrate cannot express.
-func (d *dialect) migrateExtras(db *gorm.DB) error {
-	var stmts []string
+// The notify trigger (Postgres): a statement trigger on async_job's
+// inserts that calls async_job_notify. Its pg_trigger.tgtype, 4, is AFTER
+// INSERT FOR EACH STATEMENT.
+const (
+	notifyFuncBody = ` BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END `
+	notifyFunc     = `CREATE OR REPLACE FUNCTION async_job_notify() RETURNS trigger LANGUAGE plpgsql AS $$` + notifyFuncBody + `$$`
+	hasNotifyFunc  = `SELECT COUNT(*) FROM pg_proc WHERE oid = to_regprocedure('async_job_notify()') AND prosrc = ?`
+	notifyTrigger  = `CREATE TRIGGER async_job_notify AFTER INSERT ON async_job FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()`
+	hasNotifyTrig  = `SELECT COUNT(*) FROM pg_trigger WHERE tgrelid = 'async_job'::regclass AND tgname = 'async_job_notify' AND tgtype = 4 AND tgfoid = to_regprocedure('async_job_notify()') AND tgenabled <> 'D'`
+)
+
+// extraSteps lists what the job table lacks of what GORM's models cannot
+// express: the pending-jobs index, the secondary indexes, and on Postgres
+// the notify trigger and the fillfactor. Each is found missing by a
+// catalogue read, so that a current schema is migrated without DDL (see
+// migrate).
+func (d *dialect) extraSteps(db *gorm.DB) ([]schemaStep, error) {
+	var steps []schemaStep
+	m := db.Migrator()
+	exec := func(what, q string) {
+		steps = append(steps, schemaStep{what, func(db *gorm.DB) error { return db.Exec(q).Error }})
+	}
+	index := func(ix jobIndex) {
+		switch has := m.HasIndex(&Job{}, ix.name); {
+		case ix.drop && has:
+			exec("drop index "+ix.name, "DROP INDEX IF EXISTS "+ix.name)
+		case !ix.drop && !has:
+			exec("create index "+ix.name, ix.ddl)
+		}
+	}
+	missing := func(q string, args ...any) (bool, error) {
+		var n int64
+		err := db.Raw(q, args...).Scan(&n).Error
+		return n == 0, err
+	}
 	switch d.kind {
 	case kindPostgres:
-		stmts = []string{
-			`CREATE OR REPLACE FUNCTION async_job_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_notify('` + notifyChannel + `', ''); RETURN NULL; END $$`,
-			`DROP TRIGGER IF EXISTS async_job_notify ON async_job`,
-			`CREATE TRIGGER async_job_notify AFTER INSERT ON async_job FOR EACH STATEMENT EXECUTE FUNCTION async_job_notify()`,
-			// A claim reads it in two ranges per priority (claimIDs), each in
-			// order, and stops at its LIMIT.
-			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
-			jobFillfactor,
+		noFunc, err := missing(hasNotifyFunc, notifyFuncBody)
+		if err != nil {
+			return nil, err
 		}
-		stmts = append(stmts, secondaryIndexes...)
+		if noFunc {
+			exec("notify function", notifyFunc)
+		}
+		noTrig, err := missing(hasNotifyTrig)
+		if err != nil {
+			return nil, err
+		}
+		if noTrig || noFunc {
+			// Replaced in one transaction: no insert commits meanwhile
+			// without a notification.
+			steps = append(steps, schemaStep{"notify trigger", func(db *gorm.DB) error {
+				return db.Transaction(func(tx *gorm.DB) error {
+					if err := tx.Exec(`DROP TRIGGER IF EXISTS async_job_notify ON async_job`).Error; err != nil {
+						return err
+					}
+					return tx.Exec(notifyTrigger).Error
+				})
+			}})
+		}
+		// A claim reads it in two ranges per priority (claimIDs), each in
+		// order, and stops at its LIMIT.
+		index(jobIndex{name: "async_job_pending", ddl: `CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`})
+		noFill, err := missing(hasFillfactor)
+		if err != nil {
+			return nil, err
+		}
+		if noFill {
+			exec("fillfactor", jobFillfactor)
+		}
+		for _, ix := range secondaryIndexes {
+			index(ix)
+		}
 	case kindSQLite:
 		// As on Postgres; SQLite sorts NULLs first, so the expression
 		// column puts the unscheduled jobs of a priority after the
 		// scheduled ones.
-		stmts = []string{
-			`CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`,
+		index(jobIndex{name: "async_job_pending", ddl: `CREATE INDEX IF NOT EXISTS async_job_pending ON async_job (priority DESC, (scheduled IS NULL), scheduled, id) WHERE executed IS NULL AND cancelled IS NULL AND failed IS NULL`})
+		for _, ix := range secondaryIndexes {
+			index(ix)
 		}
-		stmts = append(stmts, secondaryIndexes...)
 	case kindMySQL:
 		// No partial indexes: pending rows are those NULL in the first three
 		// columns. A claim reads it one priority at a time, in two exact
 		// ranges, ascending within the priority (selectClaimable). (DESC is
 		// honoured from MySQL 8 and MariaDB 10.8; the claim does not depend
 		// on it.)
-		m := db.Migrator()
-		if !m.HasIndex(&Job{}, "async_job_pending") {
-			stmts = append(stmts, `CREATE INDEX async_job_pending ON async_job (executed, cancelled, failed, priority DESC, scheduled, id)`)
-		}
-		if !m.HasIndex(&Job{}, "async_job_identity") {
-			stmts = append(stmts, `CREATE INDEX async_job_identity ON async_job (identity)`)
-		}
-		if !m.HasIndex(&Job{}, "async_job_group") {
-			stmts = append(stmts, `CREATE INDEX async_job_group ON async_job (group_id)`)
+		for _, ix := range []jobIndex{
+			{name: "async_job_pending", ddl: `CREATE INDEX async_job_pending ON async_job (executed, cancelled, failed, priority DESC, scheduled, id)`},
+			{name: "async_job_identity", ddl: `CREATE INDEX async_job_identity ON async_job (identity)`},
+			{name: "async_job_group", ddl: `CREATE INDEX async_job_group ON async_job (group_id)`},
+		} {
+			index(ix)
 		}
 		if m.HasIndex(&Job{}, "async_job_name") {
-			stmts = append(stmts, `DROP INDEX async_job_name ON async_job`)
+			exec("drop index async_job_name", `DROP INDEX async_job_name ON async_job`)
 		}
 	}
-	for _, s := range stmts {
-		if err := db.Exec(s).Error; err != nil {
-			return fmt.Errorf("async: migrating %s: %w", d.name, err)
-		}
-	}
-	return nil
+	return steps, nil
 }

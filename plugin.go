@@ -89,13 +89,6 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 	return db.Callback().Create().After("gorm:create").Register("async:wake_on_job_insert", p.afterCreate)
 }
 
-func (p *Plugin) migrate(db *gorm.DB) error {
-	if err := db.AutoMigrate(&Job{}, &JobError{}, &Group{}, &partitionLock{}); err != nil {
-		return fmt.Errorf("async: automigrate: %w", err)
-	}
-	return p.dialect.migrateExtras(db)
-}
-
 // Dialect describes the database the plugin detected on db.
 func Dialect(db *gorm.DB) (DialectInfo, error) {
 	p, err := pluginOf(db)

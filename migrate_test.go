@@ -1,0 +1,91 @@
+package async_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/gormasync/async"
+)
+
+// lockWaiter returns the statement of a session of d's database that waits
+// for a table lock (Postgres) or a table's metadata lock (MySQL), or "".
+func lockWaiter(t testing.TB, d *testDB) string {
+	t.Helper()
+	var qs []string
+	switch d.Kind {
+	case "postgres":
+		require.NoError(t, d.DB.Raw("SELECT query FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").Scan(&qs).Error)
+	case "mysql":
+		require.NoError(t, d.DB.Raw("SELECT info FROM information_schema.processlist WHERE db = DATABASE() AND state LIKE '%metadata lock%'").Scan(&qs).Error)
+	}
+	if len(qs) == 0 {
+		return ""
+	}
+	return qs[0]
+}
+
+// awaitUse waits for db.Use to return its error on done, failing at once if
+// a session of d's database is seen waiting for a lock meanwhile.
+func awaitUse(t *testing.T, d *testDB, done <-chan error, what string) error {
+	t.Helper()
+	deadline := time.After(time.Minute)
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-deadline:
+			t.Fatalf("timed out waiting for %s", what)
+		case <-time.After(5 * time.Millisecond):
+			if q := lockWaiter(t, d); q != "" {
+				t.Fatalf("%s waits for a lock on the job table: %s", what, q)
+			}
+		}
+	}
+}
+
+// A process that starts while others work (a rolling deploy, a new
+// replica) migrates a schema that is already current without taking any
+// lock on the job table. On Postgres, GORM's AutoMigrate altered every
+// timestamp column of the library's tables on each start (ALTER COLUMN
+// TYPE timestamptz(6) of a timestamptz(6) column), and the notify trigger
+// was dropped and created again, each an ACCESS EXCLUSIVE lock that waited
+// for the transactions using async_job, a running job's included; every
+// claim, completion and Schedule of every process queued behind it until
+// that job ended. On SQLite, GORM's migrator rebuilt async_job (copied
+// into a new table, four times) at each start once the table had a row:
+// with a job running, the start failed with SQLITE_BUSY.
+func TestMigratingCurrentSchemaTakesNoTableLock(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		key := newKey(t, "running")
+		started, release := make(chan int64, 1), make(chan struct{})
+		on(t, key, blockUntil(started, release))
+		scheduleCtl(t, d.DB, key)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+		t.Cleanup(func() { close(release) }) // before the worker stops
+		recv(t, started, time.Minute, "the job to start")
+		if d.Kind != "sqlite" { // SQLite: the running job holds the one write lock
+			// An application transaction that scheduled a job and has not
+			// committed yet.
+			tx := d.DB.Begin()
+			require.NoError(t, tx.Error)
+			t.Cleanup(func() { tx.Rollback() })
+			_, err := async.Schedule(tx, ctlTask, async.Args(newKey(t, "uncommitted")))
+			require.NoError(t, err)
+		}
+
+		other := openDB(t, d.Kind, d.DSN, d.Clock)
+		done := make(chan error, 1)
+		go func() { done <- other.Use(&async.Plugin{Logger: testLogger()}) }()
+		require.NoError(t, awaitUse(t, d, done, "another process's migration"))
+
+		if d.Kind != "sqlite" {
+			// The queue goes on meanwhile.
+			job := scheduleCtl(t, other, newKey(t, "after"))
+			assert.True(t, getJob(t, d.DB, job.ID).Pending())
+		}
+	})
+}
