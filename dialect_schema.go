@@ -1,6 +1,11 @@
 package async
 
-import "gorm.io/gorm"
+import (
+	"database/sql"
+	"fmt"
+
+	"gorm.io/gorm"
+)
 
 // The job table's schema beyond what GORM's models express: the
 // pending-jobs index, secondary indexes, Postgres's notify trigger and
@@ -151,4 +156,53 @@ func (d *dialect) extraSteps(db *gorm.DB) ([]schemaStep, error) {
 		}
 	}
 	return steps, nil
+}
+
+// pgMigrationLock is the key of the Postgres advisory lock that migrations
+// hold ("asyncmig"); advisory locks are per database.
+const pgMigrationLock = 0x6173796e636d6967
+
+// mysqlMigrationLock names the MySQL/MariaDB lock (GET_LOCK) that
+// migrations hold. Those locks are per server: the name carries the
+// database's, hashed to fit their 64 characters.
+const mysqlMigrationLock = "CONCAT('async_migrate:', MD5(DATABASE()))"
+
+// migrationLockWait bounds how long a migration waits for another
+// process's (MySQL and MariaDB; Postgres waits as long as it takes).
+const migrationLockWait = 10 * 60 // seconds
+
+// migrationLock runs fn on one connection of db while it holds the
+// database's migration lock, so that one process migrates at a time:
+// a Postgres advisory lock, a MySQL named lock, SQLite's write lock
+// (fn then runs in that transaction).
+func (d *dialect) migrationLock(db *gorm.DB, fn func(db *gorm.DB) error) error {
+	return db.Connection(func(pinned *gorm.DB) error {
+		conn := pinned.Session(&gorm.Session{NewDB: true}) // statements that do not share one Statement
+		switch d.kind {
+		case kindPostgres:
+			if err := conn.Exec("SELECT pg_advisory_lock(?)", int64(pgMigrationLock)).Error; err != nil {
+				return fmt.Errorf("async: taking the migration lock: %w", err)
+			}
+			defer conn.Exec("SELECT pg_advisory_unlock(?)", int64(pgMigrationLock))
+			return fn(conn)
+		case kindMySQL:
+			var got sql.NullInt64
+			if err := conn.Raw("SELECT GET_LOCK("+mysqlMigrationLock+", ?)", migrationLockWait).Scan(&got).Error; err != nil {
+				return fmt.Errorf("async: taking the migration lock: %w", err)
+			}
+			if got.Int64 != 1 {
+				return fmt.Errorf("async: taking the migration lock: another process held it for %ds", migrationLockWait)
+			}
+			defer conn.Exec("SELECT RELEASE_LOCK(" + mysqlMigrationLock + ")")
+			return fn(conn)
+		}
+		if err := conn.Exec("BEGIN IMMEDIATE").Error; err != nil {
+			return fmt.Errorf("async: taking the migration lock: %w", err)
+		}
+		if err := fn(conn); err != nil {
+			conn.Exec("ROLLBACK")
+			return err
+		}
+		return conn.Exec("COMMIT").Error
+	})
 }

@@ -27,13 +27,27 @@ type schemaStep struct {
 	do   func(db *gorm.DB) error
 }
 
-// migrate makes what the schema lacks.
+// migrate makes what the schema lacks. Processes that start together on
+// a fresh database (or a new version's, on an older schema) would each find
+// the same parts missing and make them at once, and all but one fail (a
+// table or index that already exists, or on Postgres a duplicate key in
+// pg_type): so the changes are made under a lock of the database's
+// (migrationLock), after looking again for what is still missing.
 func (p *Plugin) migrate(db *gorm.DB) error {
 	steps, err := p.schemaSteps(db)
 	if err != nil {
 		return fmt.Errorf("async: migrating %s: %w", p.dialect.name, err)
 	}
-	return p.apply(db, steps)
+	if len(steps) == 0 {
+		return nil
+	}
+	return p.dialect.migrationLock(db, func(db *gorm.DB) error {
+		steps, err := p.schemaSteps(db)
+		if err != nil {
+			return fmt.Errorf("async: migrating %s: %w", p.dialect.name, err)
+		}
+		return p.apply(db, steps)
+	})
 }
 
 // apply makes steps, in order.

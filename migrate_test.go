@@ -6,6 +6,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"gorm.io/gorm"
 
 	"github.com/gormasync/async"
 )
@@ -88,4 +89,49 @@ func TestMigratingCurrentSchemaTakesNoTableLock(t *testing.T) {
 			assert.True(t, getJob(t, d.DB, job.ID).Pending())
 		}
 	})
+}
+
+// Processes that start together on a fresh database all migrate it: one
+// makes the tables and the others find them made. Each used to find them
+// missing and create them too, and all but one failed (a table that
+// already exists; on Postgres, a duplicate key in pg_type).
+func TestConcurrentMigrationsOfFreshDatabase(t *testing.T) {
+	for _, kind := range dbKinds {
+		t.Run(kind, func(t *testing.T) {
+			for range 3 {
+				dsn := createDatabase(t, kind)
+				dbs := make([]*gorm.DB, 4)
+				for i := range dbs {
+					dbs[i] = openDB(t, kind, dsn, nil)
+					require.NoError(t, dbs[i].Exec("SELECT 1").Error) // connected
+				}
+				start := make(chan struct{})
+				errs := make(chan error, len(dbs))
+				for _, db := range dbs {
+					go func() {
+						<-start
+						errs <- db.Use(&async.Plugin{Logger: testLogger()})
+					}()
+				}
+				close(start)
+				for range dbs {
+					require.NoError(t, <-errs)
+				}
+				require.NoError(t, dbs[0].AutoMigrate(&Effect{}))
+				for _, db := range dbs {
+					job, err := async.Schedule(db, ctlTask, async.Args(newKey(t, "after")))
+					require.NoError(t, err)
+					n, err := async.FlushQueue(db, async.FlushOptions{})
+					require.NoError(t, err)
+					assert.Equal(t, 1, n)
+					assert.NotNil(t, getJob(t, db, job.ID).Executed)
+				}
+				if kind == "postgres" {
+					var triggers int64
+					require.NoError(t, dbs[0].Raw("SELECT COUNT(*) FROM pg_trigger WHERE tgrelid = 'async_job'::regclass AND NOT tgisinternal").Scan(&triggers).Error)
+					assert.EqualValues(t, 1, triggers)
+				}
+			}
+		})
+	}
 }

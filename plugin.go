@@ -24,8 +24,9 @@ const DefaultMaxAttempts = 25
 //
 // Install it right after gorm.Open, before deriving sessions from db.
 type Plugin struct {
-	// SkipMigration leaves the tables alone; by default Initialize
-	// automigrates async_job, async_error, async_group and async_lock.
+	// SkipMigration leaves the tables alone; by default Initialize makes
+	// what async_job, async_error, async_group and async_lock lack (and
+	// nothing else: see the README's Databases section).
 	SkipMigration bool
 	// MaxAttempts is the default number of runs a job gets before it ends
 	// failed. Zero means DefaultMaxAttempts; a negative value means unlimited.
