@@ -344,7 +344,7 @@ func (p *Plugin) callTask(ctx context.Context, tx *gorm.DB, job *Job, timeout ti
 // has ctx as its context.
 func (p *Plugin) invoke(ctx context.Context, tx *gorm.DB, job *Job, t *task) (result string, err error, stack string) {
 	if t == nil {
-		return "", errorf(ErrUnknownTask, "%q is not registered in this process", job.Name), string(debug.Stack())
+		return "", errorf(ErrUnknownTask, "%q is not registered in the process that claimed it (%s)", job.Name, job.LockedBy), ""
 	}
 	defer func() {
 		if r := recover(); r != nil {

@@ -85,12 +85,24 @@ func (p *Plugin) recordFailure(tx *gorm.DB, job *Job, t *task, taskErr error, st
 	outcome := OutcomeRetry
 	var res *gorm.DB
 	var update func() // the job's new state, once written
-	if errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts) {
+	switch {
+	case t == nil && errors.Is(taskErr, ErrUnknownTask):
+		// This process does not register the job's task (a rolling
+		// deploy's old version, a process serving the queue with other
+		// tasks): the job did not run. It is put off by the retry delay,
+		// for a process that knows the task, its attempt given back and
+		// its priority kept, so that it never ends failed for it.
+		delay, _ := p.retryPolicy(nil)(job, int(failures))
+		next := now.Add(delay).Truncate(time.Microsecond) // as stored
+		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, attempts = attempts - 1, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
+			next, job.ID, job.LockedBy, job.Attempts)
+		update = func() { job.Scheduled, job.Attempts = &next, job.Attempts-1 }
+	case errors.Is(taskErr, ErrPermanent) || (job.MaxAttempts > 0 && job.Attempts >= job.MaxAttempts):
 		outcome = OutcomeFailed
 		res = tx.Exec("UPDATE "+jobTable+" SET failed = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
 			now, job.ID, job.LockedBy, job.Attempts)
 		update = func() { job.Failed = &now }
-	} else {
+	default:
 		delay, prio := p.retryPolicy(t)(job, int(failures))
 		next := now.Add(delay).Truncate(time.Microsecond) // as stored
 		res = tx.Exec("UPDATE "+jobTable+" SET scheduled = ?, priority = ?, started = NULL, executed = NULL, locked_by = '', locked_until = NULL WHERE "+claimHeld,
