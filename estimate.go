@@ -46,13 +46,15 @@ func estimateGroup(total, open int64, created, now time.Time, completedAt *time.
 	if total == 0 || done == 0 {
 		return nil, nil
 	}
+	// created, and completedAt, may come from other processes' clocks,
+	// ahead of now's or of each other: durations are at least zero.
 	var c, r time.Duration
 	if open > 0 {
-		c = now.Sub(created)
+		c = max(now.Sub(created), 0)
 		// estimated total = consumed / done * total; remaining = estimated - consumed.
 		r = time.Duration(float64(c) * float64(open) / float64(done))
 	} else if completedAt != nil {
-		c = completedAt.Sub(created)
+		c = max(completedAt.Sub(created), 0)
 	}
 	return &c, &r
 }

@@ -54,7 +54,7 @@ type QueueHealth struct {
 	FailedDetails map[string]NameCount `json:"failed-details"`
 	// OldestDueAgeSeconds is how long the oldest job that could be claimed
 	// now has been due (since its scheduled time, or since it was added when
-	// it has none); nil when no job is due. Jobs held by a claim and final
+	// it has none), at least zero; nil when no job is due. Jobs held by a claim and final
 	// jobs waiting for their group are not counted.
 	OldestDueAgeSeconds *float64 `json:"oldest-due-age-seconds"`
 	// EstimatedCompletionCurrentJob is the seconds left for the jobs running
@@ -241,7 +241,9 @@ func (p *Plugin) oldestDueAge(s *gorm.DB, now time.Time) (*float64, error) {
 	if jobs[0].Scheduled != nil {
 		due = *jobs[0].Scheduled
 	}
-	age := now.Sub(due).Seconds()
+	// At least zero: the job is due by this clock, and a due time ahead of
+	// it was written by a process whose clock is ahead of this one's.
+	age := max(now.Sub(due).Seconds(), 0)
 	return &age, nil
 }
 
