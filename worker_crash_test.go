@@ -159,3 +159,64 @@ func TestJobLongerThanLeaseIsNotStartedTwice(t *testing.T) {
 		assert.Zero(t, count(t, d.DB, "async_error", ""))
 	})
 }
+
+// Point 2 (prefetch): a worker process killed with SIGKILL while it holds
+// jobs claimed ahead (ready for a slot, not started) besides its running
+// job loses none of them: once the lease expires another worker runs each
+// once; none ran in the killed process, and the lost claim counts as an
+// attempt, as a crashed run's does.
+func TestWorkerKilledWithJobsClaimedAheadLosesNone(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		const lease = 2 * time.Second
+		schedule := func(what, mode string, prio int) (string, *async.Job) {
+			k := newKey(t, what)
+			job, err := async.Schedule(d.DB, procTask, async.Args(k, mode), async.Priority(prio))
+			require.NoError(t, err)
+			return k, job
+		}
+		// Quick jobs first (they teach the worker that jobs are short, so
+		// that it claims ahead), then one that blocks, then followers.
+		var keys []string
+		for range 20 {
+			k, _ := schedule("short", "ok", 10)
+			keys = append(keys, k)
+		}
+		blockKey, blocker := schedule("block", "block", 5)
+		var followers []string
+		var after []*async.Job
+		for range 10 {
+			k, job := schedule("follower", "ok", 1)
+			followers, after = append(followers, k), append(after, job)
+		}
+
+		rl := newProcRunLog()
+		h := startHelper(t, d, rl, "worker", "ASYNC_HELPER_CONCURRENCY=1", "ASYNC_HELPER_LEASE="+lease.String(),
+			"ASYNC_HELPER_STALE=1h") // jobs claimed ahead stay with it
+		waitFor(t, time.Minute, "the blocker to start", func() bool { return rl.count(blockKey) == 1 })
+		if d.Kind == "sqlite" {
+			// The blocker holds the one writer, so no claim happens while
+			// it runs: followers are ahead only if its own claim took them.
+			t.Logf("followers claimed ahead: %d", claimedAhead(t, d.DB, after))
+		} else {
+			waitFor(t, time.Minute, "followers claimed ahead", func() bool { return claimedAhead(t, d.DB, after) > 0 })
+		}
+		ahead := claimedAhead(t, d.DB, after)
+		h.kill()
+		for _, k := range followers {
+			assert.Zero(t, rl.count(k), "%s ran in the killed process", k)
+		}
+
+		startWorker(t, d.DB, async.WorkerOptions{Lease: lease, PollInterval: 20 * time.Millisecond})
+		waitFor(t, time.Minute, "every job executed", func() bool {
+			return count(t, d.DB, "async_job", "executed IS NULL") == 0
+		})
+		for _, k := range append(append(keys, blockKey), followers...) {
+			assert.EqualValues(t, 1, effects(t, d.DB, k), "effects of %s", k)
+		}
+		assert.Equal(t, 2, getJob(t, d.DB, blocker.ID).Attempts, "the killed run counts")
+		assert.EqualValues(t, ahead, count(t, d.DB, "async_job", "id IN ? AND attempts = 2", jobIDs(after)),
+			"each lost claim ahead counts, no other")
+		assert.Zero(t, count(t, d.DB, "async_error", ""), "a lost claim records no error")
+	})
+}

@@ -2,6 +2,7 @@ package async_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"net"
@@ -232,5 +233,69 @@ func TestWorkerSurvivesDatabaseOutage(t *testing.T) {
 			assert.EqualValues(t, 1, effects(t, d.DB, k), "effects of %s", k)
 		}
 		assert.Zero(t, count(t, d.DB, "async_error", ""))
+	})
+}
+
+// A running job's connection killed by the server (pg_terminate_backend on
+// Postgres, KILL on MariaDB: an administrator, a failover, an idle-session
+// timeout), while the worker's other connections live on: the run's
+// writes are rolled back, its failure is recorded through another
+// connection and the job rescheduled, and its next run commits its
+// effects once. The worker goes on with other jobs.
+func TestWorkerSurvivesItsJobConnectionKilled(t *testing.T) {
+	eachServerDB(t, "SQLite has no server connection to kill", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		if d.Kind == "mysql" {
+			_ = mysqldrv.SetLogger(log.New(io.Discard, "", 0)) // the driver logs the dead connection
+			t.Cleanup(func() { _ = mysqldrv.SetLogger(log.New(os.Stderr, "[mysql] ", log.Ldate|log.Ltime|log.Lshortfile)) })
+		}
+		key := newKey(t, "killed")
+		started, release := make(chan int64, 10), make(chan struct{})
+		on(t, key, func(ctx context.Context, run int64) error {
+			if run == 1 {
+				started <- run
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+			}
+			return nil
+		})
+		job := scheduleCtl(t, d.DB, key)
+		worker := secondHandle(t, d, d.DSN, nil)                                                         // its connections, not the test's
+		startWorker(t, worker, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond}) // no claim while its job runs
+		recv(t, started, time.Minute, "the job to start")
+
+		// The job's connection: the one session with a transaction open.
+		var ids []int64
+		q := `SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`
+		if d.Kind == "mysql" {
+			q = `SELECT p.ID FROM information_schema.INNODB_TRX t JOIN information_schema.PROCESSLIST p
+				ON p.ID = t.trx_mysql_thread_id WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()`
+		}
+		require.NoError(t, d.DB.Raw(q).Scan(&ids).Error)
+		require.Len(t, ids, 1, "one session holds the running job's transaction")
+		if d.Kind == "postgres" {
+			require.NoError(t, d.DB.Exec("SELECT pg_terminate_backend(?)", ids[0]).Error)
+		} else {
+			require.NoError(t, d.DB.Exec(fmt.Sprintf("KILL %d", ids[0])).Error)
+		}
+		close(release)
+
+		got := waitJob(t, d.DB, job.ID, time.Minute, "the failure recorded", func(j *async.Job) bool { return j.LockedBy == "" })
+		assert.True(t, got.Pending())
+		require.NotNil(t, got.Scheduled, "rescheduled by the retry policy")
+		assert.Equal(t, 1, got.Attempts)
+		assert.Zero(t, effects(t, d.DB, key), "the killed run's write rolled back")
+		assert.EqualValues(t, 1, count(t, d.DB, "async_error", "job_id = ?", job.ID))
+
+		// The worker goes on, and runs the job again once it is due.
+		other := scheduleCtl(t, d.DB, newKey(t, "next"))
+		waitJob(t, d.DB, other.ID, time.Minute, "another job executed", executed)
+		d.Clock.Advance(time.Hour)
+		got = waitJob(t, d.DB, job.ID, time.Minute, "executed on its second attempt", executed)
+		assert.Equal(t, 2, got.Attempts)
+		assert.EqualValues(t, 1, effects(t, d.DB, key))
+		assert.EqualValues(t, 2, runCount(key))
 	})
 }

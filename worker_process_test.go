@@ -83,6 +83,11 @@ func TestWorkerHelperProcess(t *testing.T) {
 		w, err := async.NewWorker(db, async.WorkerOptions{Concurrency: conc, Lease: lease,
 			PollInterval: 50 * time.Millisecond, ShutdownTimeout: 5 * time.Second})
 		require.NoError(t, err)
+		if s := os.Getenv("ASYNC_HELPER_STALE"); s != "" {
+			stale, err := time.ParseDuration(s)
+			require.NoError(t, err)
+			async.SetStaleAfter(w, stale) // how long jobs claimed ahead wait for a slot
+		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 		defer stop()
 		fmt.Printf("%s ready\n", helperPrefix)
