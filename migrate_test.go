@@ -1,6 +1,8 @@
 package async_test
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -134,4 +136,45 @@ func TestConcurrentMigrationsOfFreshDatabase(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A process keeps working on a table that a newer version extended (a
+// rolling deploy's old processes): columns with a default or allowing
+// NULL, another index. Its migration leaves them alone, and it schedules
+// (one job and many), runs jobs and reports health.
+func TestOlderProcessOnExtendedTable(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		for _, s := range []string{
+			"ALTER TABLE async_job ADD COLUMN newer_note VARCHAR(20)",
+			"ALTER TABLE async_job ADD COLUMN newer_flag INTEGER NOT NULL DEFAULT 7",
+			"ALTER TABLE async_error ADD COLUMN newer_x INTEGER",
+			"CREATE INDEX async_job_newer ON async_job (newer_flag)",
+		} {
+			require.NoError(t, d.DB.Exec(s).Error, s)
+		}
+		older := openDB(t, d.Kind, d.DSN, d.Clock)
+		require.NoError(t, older.Use(&async.Plugin{Logger: testLogger()}))
+		jobs := []*async.Job{scheduleCtl(t, older, newKey(t, "one"))}
+		many, err := async.ScheduleMany(older, async.Task(ctlTask, async.Args(newKey(t, "many"))), async.Task(ctlTask, async.Args(newKey(t, "many"))))
+		require.NoError(t, err)
+		jobs = append(jobs, many...)
+		key := newKey(t, "failing")
+		on(t, key, func(context.Context, int64) error { return errors.New("boom") })
+		failing := scheduleCtl(t, older, key)
+		n, err := async.FlushQueue(older, async.FlushOptions{})
+		require.ErrorContains(t, err, "boom")
+		assert.Equal(t, len(jobs)+1, n, "ran, the failing one included")
+		for _, j := range jobs {
+			assert.NotNil(t, getJob(t, older, j.ID).Executed)
+		}
+		assert.EqualValues(t, 1, count(t, older, "async_error", "job_id = ?", failing.ID))
+		h, err := async.Health(older)
+		require.NoError(t, err)
+		assert.EqualValues(t, len(jobs), h.Queue.Executed)
+
+		assert.EqualValues(t, len(jobs)+1, count(t, d.DB, "async_job", "newer_flag = 7 AND newer_note IS NULL"))
+		assert.True(t, d.DB.Migrator().HasIndex(&async.Job{}, "async_job_newer"))
+		assert.True(t, d.DB.Migrator().HasColumn(&async.JobError{}, "newer_x"))
+	})
 }
