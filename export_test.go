@@ -39,6 +39,22 @@ func ClaimForTest(db *gorm.DB, owner string, limit int, queues ...string) ([]*Jo
 	return p.claim(context.Background(), &claimFilter{queues: queues, limit: limit, lease: 24 * time.Hour, owner: owner})
 }
 
+// ClaimLeaseForTest is ClaimForTest with a lease of the given length.
+func ClaimLeaseForTest(db *gorm.DB, owner string, limit int, lease time.Duration) ([]*Job, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return nil, err
+	}
+	return p.claim(context.Background(), &claimFilter{limit: limit, lease: lease, owner: owner})
+}
+
+// RunClaimedForTest runs a job claimed by ClaimForTest or ClaimLeaseForTest
+// as a worker runs one (strict mode) and returns its run.
+func RunClaimedForTest(db *gorm.DB, job *Job) RunInfo {
+	p, _ := pluginOf(db)
+	return p.runJobs(context.Background(), []*Job{job}, runOptions{})[0]
+}
+
 // ClaimStatementsForTest are the statements of a claim of limit jobs of the
 // given queues, with their arguments, as of the plugin's current time: on
 // Postgres its one SELECT of job ids; elsewhere the probes for the highest

@@ -50,3 +50,57 @@ func TestHealthOfSkewedClocksIsNotNegative(t *testing.T) {
 		assert.GreaterOrEqual(t, *pr.RemainingSeconds, 0.0, "remaining_seconds")
 	})
 }
+
+// A process whose clock is ahead of another's by more than the lease
+// (here 2 minutes, leases of 1): the database effects of every job still
+// commit once, and a job the other runs in strict mode is not started
+// again (its row stays locked). Jobs the other has claimed and not started
+// are claimed again at once, which costs each an attempt: one on its last
+// attempt ends failed without a run. (The README says so: machines' clocks
+// must agree to well within Lease.)
+func TestClockAheadByMoreThanLease(t *testing.T) {
+	eachServerDB(t, "runs side by side", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		behind := skewedHandle(t, d, -2*time.Minute)
+
+		// Claimed by the process behind, not started yet.
+		last, spare := newKey(t, "last-attempt"), newKey(t, "spare")
+		lastJob := scheduleCtl(t, d.DB, last, async.MaxAttempts(1))
+		spareJob := scheduleCtl(t, d.DB, spare)
+		claimed, err := async.ClaimLeaseForTest(behind, "behind", 2, time.Minute)
+		require.NoError(t, err)
+		require.Len(t, claimed, 2)
+		n, err := async.FlushQueue(d.DB, async.FlushOptions{})
+		require.NoError(t, err)
+		assert.Equal(t, 1, n, "the process ahead took both: one ran")
+		got := getJob(t, d.DB, lastJob.ID)
+		require.NotNil(t, got.Failed, "its last attempt taken, the job ended failed")
+		assert.Zero(t, effects(t, d.DB, last))
+		got = getJob(t, d.DB, spareJob.ID)
+		require.NotNil(t, got.Executed)
+		assert.Equal(t, 2, got.Attempts, "the lost claim counted")
+		for _, j := range claimed {
+			info := async.RunClaimedForTest(behind, j)
+			assert.Equal(t, async.OutcomeSkipped, info.Outcome, "job %d: %v", j.ID, info.Err)
+			assert.ErrorIs(t, info.Err, async.ErrLeaseLost)
+		}
+		assert.EqualValues(t, 1, runCount(spare), "run once")
+		assert.EqualValues(t, 1, effects(t, d.DB, spare))
+
+		// Running in strict mode in the process behind: not started again.
+		key := newKey(t, "running")
+		started, release := make(chan int64, 10), make(chan struct{})
+		on(t, key, blockUntil(started, release))
+		job := scheduleCtl(t, d.DB, key, async.Priority(10))
+		startWorker(t, behind, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+		recv(t, started, time.Minute, "the run behind to start")
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, PollInterval: 20 * time.Millisecond})
+		probe := scheduleCtl(t, d.DB, newKey(t, "probe"), async.Priority(1))
+		waitJob(t, d.DB, probe.ID, time.Minute, "a job run by the process ahead, whose claims passed the running one", executed)
+		close(release)
+		got = waitJob(t, d.DB, job.ID, time.Minute, "executed", executed)
+		assert.Equal(t, 1, got.Attempts)
+		assert.EqualValues(t, 1, runCount(key))
+		assert.EqualValues(t, 1, effects(t, d.DB, key))
+	})
+}
