@@ -174,8 +174,12 @@ const migrationLockWait = 10 * 60 // seconds
 // migrationLock runs fn on one connection of db while it holds the
 // database's migration lock, so that one process migrates at a time:
 // a Postgres advisory lock, a MySQL named lock, SQLite's write lock
-// (fn then runs in that transaction).
+// (fn then runs in that transaction). A pool that has no *sql.DB (a
+// resolver's) migrates without it.
 func (d *dialect) migrationLock(db *gorm.DB, fn func(db *gorm.DB) error) error {
+	if _, err := db.DB(); err != nil {
+		return fn(db) // a pool with no *sql.DB to take a connection from: no lock
+	}
 	return db.Connection(func(pinned *gorm.DB) error {
 		conn := pinned.Session(&gorm.Session{NewDB: true}) // statements that do not share one Statement
 		switch d.kind {
