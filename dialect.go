@@ -56,6 +56,11 @@ type DialectInfo struct {
 	SkipLocked bool `json:"skip-locked"`
 	// Locking describes the claim strategy in words.
 	Locking string `json:"locking"`
+	// ClockOffsetSeconds is the database's clock minus this process's
+	// (db.NowFunc), measured by Health (nil elsewhere). Leases and schedules
+	// compare times that every process writes from its own clock, so the
+	// machines sharing a database must agree to well within the lease.
+	ClockOffsetSeconds *float64 `json:"clock-offset-seconds,omitempty"`
 }
 
 func (d *dialect) info() DialectInfo {
@@ -373,4 +378,16 @@ func (d *dialect) secondsBetween(from, to string) string {
 	default:
 		return "((julianday(" + to + ") - julianday(" + from + ")) * 86400.0)"
 	}
+}
+
+// epochSQL reads the database's clock: seconds since the Unix epoch, with
+// their fraction (on SQLite, the clock of this host).
+func (d *dialect) epochSQL() string {
+	switch d.kind {
+	case kindPostgres:
+		return "SELECT extract(epoch FROM clock_timestamp())::float8"
+	case kindMySQL:
+		return "SELECT UNIX_TIMESTAMP(NOW(6))"
+	}
+	return "SELECT (julianday('now') - 2440587.5) * 86400.0"
 }

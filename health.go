@@ -130,6 +130,11 @@ func Health(db *gorm.DB, opts ...HealthOption) (*HealthReport, error) {
 	s := db.Session(&gorm.Session{NewDB: true})
 	now := p.now()
 	r := &HealthReport{Database: p.dialect.info()}
+	off, err := p.clockOffset(s)
+	if err != nil {
+		return nil, fmt.Errorf("async: health: reading the database's clock: %w", err)
+	}
+	r.Database.ClockOffsetSeconds = &off
 	q := &r.Queue
 	q.EstimationAlgorithm = cfg.algorithm
 	if err := p.countByName(s, q); err != nil {

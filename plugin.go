@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -79,6 +80,10 @@ func (p *Plugin) Initialize(db *gorm.DB) error {
 			return err
 		}
 	}
+	if off, err := p.clockOffset(db); err == nil && math.Abs(off) > clockWarnSeconds {
+		p.Logger.Warn("async: this process's clock (db.NowFunc) differs from the database's; leases and schedules compare times every process writes from its own clock, so they must agree to well within the lease",
+			"offset_seconds", off)
+	}
 	if !d.skipLocked && !d.singleWriter {
 		p.Logger.Warn("async: database server lacks FOR UPDATE SKIP LOCKED; workers fall back to plain row locking", "version", d.version)
 	}
@@ -134,6 +139,23 @@ func ctxOf(db *gorm.DB) context.Context {
 		return ctx
 	}
 	return context.Background()
+}
+
+// clockWarnSeconds is the difference between this process's clock and the
+// database's past which Initialize warns.
+const clockWarnSeconds = 5
+
+// clockOffset measures the database's clock minus this process's
+// (db.NowFunc), in seconds, against the middle of the round trip.
+func (p *Plugin) clockOffset(db *gorm.DB) (float64, error) {
+	var server float64
+	before := p.now()
+	if err := db.Session(&gorm.Session{NewDB: true}).Raw(p.dialect.epochSQL()).Row().Scan(&server); err != nil {
+		return 0, err
+	}
+	after := p.now()
+	mid := before.Add(after.Sub(before) / 2)
+	return server - float64(mid.UnixMicro())/1e6, nil
 }
 
 // hardStopKey is the context key under which Worker.Run passes its runs the

@@ -1,6 +1,7 @@
 package async_test
 
 import (
+	"log/slog"
 	"testing"
 	"time"
 
@@ -102,5 +103,32 @@ func TestClockAheadByMoreThanLease(t *testing.T) {
 		assert.Equal(t, 1, got.Attempts)
 		assert.EqualValues(t, 1, runCount(key))
 		assert.EqualValues(t, 1, effects(t, d.DB, key))
+	})
+}
+
+// Health measures the database's clock against this process's (on SQLite,
+// the host's against db.NowFunc), and a process whose clock is off by more
+// than a few seconds says so when it installs the plugin.
+func TestClockOffsetIsMeasuredAndWarnedAbout(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		h, err := async.Health(d.DB)
+		require.NoError(t, err)
+		require.NotNil(t, h.Database.ClockOffsetSeconds)
+		assert.InDelta(t, 0, *h.Database.ClockOffsetSeconds, 2, "one host's clock")
+
+		d.Clock.Advance(2 * time.Minute)
+		h, err = async.Health(d.DB)
+		require.NoError(t, err)
+		assert.InDelta(t, -120, *h.Database.ClockOffsetSeconds, 2, "this process two minutes ahead")
+
+		for _, c := range []struct {
+			clock *testClock
+			warns int
+		}{{d.Clock, 1}, {&testClock{}, 0}} {
+			logs := newLogCapture()
+			db := openDB(t, d.Kind, d.DSN, c.clock)
+			require.NoError(t, db.Use(&async.Plugin{SkipMigration: true, Logger: slog.New(logs)}))
+			assert.Equal(t, c.warns, logs.count("clock (db.NowFunc) differs from the database's"))
+		}
 	})
 }
