@@ -257,22 +257,36 @@ func runsBefore(a, b *Job) bool {
 	return a.ID < b.ID
 }
 
-// failExhausted ends failed the claimed jobs that had no attempt left.
+// failExhausted ends failed the claimed jobs that had no attempt left, each
+// only while the claim still holds it and it is still pending: between the
+// claim's commit and this transaction another process may have cancelled it
+// (Deschedule) or taken it for a run of its own (Job.Execute).
 func (p *Plugin) failExhausted(ctx context.Context, ids []int64, owner string, now time.Time) error {
 	return p.serialize(func() error {
 		return retryDeadlock(ctx, func() error {
 			return p.session(ctx).Transaction(func(tx *gorm.DB) error {
-				if err := tx.Exec("UPDATE "+jobTable+" SET failed = ?, attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id IN ? AND locked_by = ?",
-					now, ids, owner).Error; err != nil {
+				var rows []JobError
+				for _, id := range ids { // rare: one statement each tells which ended
+					res := tx.Exec("UPDATE "+jobTable+" SET failed = ?, attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND "+stillPending,
+						now, id, owner)
+					if res.Error != nil {
+						return res.Error
+					}
+					if res.RowsAffected == 1 {
+						rows = append(rows, JobError{JobID: id, Executed: now,
+							Exception: ErrAttemptsExhausted.Error() + ": the last run ended without a result (its worker stopped or lost the database)"})
+					}
+				}
+				if len(rows) == 0 {
+					return nil
+				}
+				if err := tx.Create(&rows).Error; err != nil {
 					return err
 				}
-				rows := make([]JobError, len(ids))
-				for i, id := range ids {
-					rows[i] = JobError{JobID: id, Executed: now,
-						Exception: ErrAttemptsExhausted.Error() + ": the last run ended without a result (its worker stopped or lost the database)"}
-					p.Logger.Error("async: job failed: attempts exhausted by lost runs", "job", id)
+				for _, r := range rows {
+					p.Logger.Error("async: job failed: attempts exhausted by lost runs", "job", r.JobID)
 				}
-				return tx.Create(&rows).Error
+				return nil
 			})
 		})
 	})

@@ -3,6 +3,7 @@ package async_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -395,4 +396,61 @@ func TestFailedRunIsNotReportedExecutedByAnotherRunsCommit(t *testing.T) {
 			assert.Equal(t, 1, gx.Attempts)
 		})
 	}
+}
+
+// A claim that takes jobs whose attempts ran out ends them failed in a
+// second transaction. A job that meanwhile left the claim's hands (another
+// process cancelled it, or took it over for a run of its own) is not ended
+// failed: a cancelled job stays cancelled, a job another claim holds stays
+// its, and neither gets an error row.
+func TestExhaustedJobsLeftByTheClaimAreNotEndedFailed(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		other := secondHandle(t, d, d.DSN, nil) // another process
+		cancelKey := newKey(t, "cancelled")
+		cancelled := scheduleCtl(t, d.DB, cancelKey, async.MaxAttempts(1), async.Priority(9))
+		taken := scheduleCtl(t, d.DB, newKey(t, "taken"), async.MaxAttempts(1), async.Priority(9))
+		ended := scheduleCtl(t, d.DB, newKey(t, "ended"), async.MaxAttempts(1), async.Priority(9))
+		runnable := scheduleCtl(t, d.DB, newKey(t, "runnable"))
+		// Their one run was lost: the attempt counted, the lease run out.
+		require.NoError(t, d.DB.Model(&async.Job{}).Where("id IN ?", []int64{cancelled.ID, taken.ID, ended.ID}).
+			Updates(map[string]any{"attempts": 1, "locked_by": "dead-worker", "locked_until": d.Clock.Now().Add(-time.Minute)}).Error)
+		// Between the claim and the statement that ends them failed.
+		fired := false
+		require.NoError(t, d.DB.Callback().Raw().Before("gorm:raw").Register("test:between_claim_and_end", func(tx *gorm.DB) {
+			if fired || !strings.Contains(tx.Statement.SQL.String(), "attempts = attempts - 1") {
+				return
+			}
+			fired = true
+			n, err := async.Deschedule(other, ctlTask, async.Args(cancelKey))
+			if err != nil || n != 1 {
+				t.Errorf("Deschedule: n=%d err=%v", n, err)
+			}
+			if err := other.Exec("UPDATE async_job SET attempts = attempts + 1, locked_by = 'other-claim' WHERE id = ?", taken.ID).Error; err != nil {
+				t.Errorf("taking the job over: %v", err)
+			}
+		}))
+		claimed, err := async.ClaimForTest(d.DB, "this-claim", 10)
+		require.NoError(t, err)
+		require.True(t, fired)
+		require.Len(t, claimed, 1)
+		assert.Equal(t, runnable.ID, claimed[0].ID)
+
+		c := getJob(t, d.DB, cancelled.ID)
+		assert.NotNil(t, c.Cancelled)
+		assert.Nil(t, c.Failed, "a cancelled job is not also failed")
+		tk := getJob(t, d.DB, taken.ID)
+		assert.True(t, tk.Pending(), "the job another claim took over is not ended")
+		assert.Equal(t, "other-claim", tk.LockedBy)
+		assert.Equal(t, 3, tk.Attempts, "its claim counted, this one uncounted by neither")
+		e := getJob(t, d.DB, ended.ID)
+		assert.NotNil(t, e.Failed, "the exhausted job still in the claim's hands ends failed")
+		assert.Equal(t, 1, e.Attempts)
+		assert.Zero(t, count(t, d.DB, "async_error", "job_id IN ?", []int64{cancelled.ID, taken.ID}), "no error rows for jobs not ended")
+		assert.EqualValues(t, 1, count(t, d.DB, "async_error", "job_id = ?", ended.ID))
+		rep, err := async.Health(d.DB)
+		require.NoError(t, err)
+		q := rep.Queue
+		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+	})
 }
