@@ -219,3 +219,57 @@ func TestFlushQueueCancelledAfterClaimGivesJobBack(t *testing.T) {
 		assert.Equal(t, []string{"first", "second"}, logged(log))
 	})
 }
+
+// clockAdvancer advances a test clock at its first write: FlushOptions.Out
+// is written between the first job's claim and its run.
+type clockAdvancer struct {
+	d    *testDB
+	by   time.Duration
+	done bool
+}
+
+func (c *clockAdvancer) Write(b []byte) (int, error) {
+	if !c.done {
+		c.done = true
+		c.d.Clock.Advance(c.by)
+	}
+	return len(b), nil
+}
+
+// FlushQueue runs the jobs due at its start: a job that falls due while it
+// runs is left for the next run.
+func TestFlushQueueRunsOnlyJobsDueAtItsStart(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		now := freezeClock(d)
+		mustSchedule(t, d.DB, parityRecord, async.Args(log, "due"))
+		later := mustSchedule(t, d.DB, parityRecord, async.Args(log, "later"), async.RunAfter(now.Add(30*time.Minute)))
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{Out: &clockAdvancer{d: d, by: time.Hour}}))
+		assert.Equal(t, []string{"due"}, logged(log))
+		assert.True(t, jobState(t, d, later.ID).Pending(), "due only after the run started")
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{}), "the next run takes it")
+		assert.Equal(t, []string{"due", "later"}, logged(log))
+	})
+}
+
+// A job whose attempts ran out without a result (its worker died) ends
+// failed when a claim takes it, and the claim takes the next job instead:
+// a FlushQueue behind such a job still runs the jobs due.
+func TestFlushQueueRunsJobsBehindAnExhaustedOne(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		log := freshLog(t)
+		lost := mustSchedule(t, d.DB, parityRecord, async.Args(log, "lost"), async.MaxAttempts(1), async.Priority(9))
+		mustSchedule(t, d.DB, parityRecord, async.Args(log, "next"))
+		// Its one run was lost: the attempt counted, the lease run out.
+		require.NoError(t, d.DB.Model(&async.Job{}).Where("id = ?", lost.ID).
+			Updates(map[string]any{"attempts": 1, "locked_by": "dead-worker", "locked_until": d.Clock.Now().Add(-time.Minute)}).Error)
+		assert.Equal(t, 1, flush(t, d, async.FlushOptions{}))
+		assert.Equal(t, []string{"next"}, logged(log))
+		j := jobState(t, d, lost.ID)
+		require.NotNil(t, j.Failed, "the exhausted job ends failed")
+		assert.Equal(t, 1, j.Attempts, "its lost run counted, the claim that ended it did not")
+		var e async.JobError
+		require.NoError(t, d.DB.Where("job_id = ?", lost.ID).Take(&e).Error)
+		assert.Contains(t, e.Exception, async.ErrAttemptsExhausted.Error())
+	})
+}
