@@ -3,6 +3,7 @@ package async_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -396,6 +397,50 @@ func TestFailedRunIsNotReportedExecutedByAnotherRunsCommit(t *testing.T) {
 			assert.Equal(t, 1, gx.Attempts)
 		})
 	}
+}
+
+// A failed run's failure is recorded only while the run's claim still holds
+// the job (the same owner and attempt). Once another claim holds it (the
+// job was given back and claimed again by another runner, or its lease ran
+// out and the same worker claimed it again), the stale run records nothing:
+// the job is neither rescheduled nor ended failed, and the claim that holds
+// it keeps it, so that its run goes ahead.
+func TestFailureOfARunWhoseClaimWasTakenOverIsNotRecorded(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		for _, c := range []struct {
+			name     string
+			owner    string
+			attempts int
+		}{
+			{"another owner, the same attempt", "new-claim", 1},
+			{"the same owner, a later attempt", "stale-claim", 2},
+		} {
+			for _, max := range []int{25, 1} { // rescheduled, or ended failed, if recorded
+				t.Run(fmt.Sprintf("%s/max_attempts=%d", c.name, max), func(t *testing.T) {
+					job := scheduleCtl(t, d.DB, newKey(t, "taken"), async.MaxAttempts(max))
+					leased := d.Clock.Now().Add(time.Hour)
+					require.NoError(t, d.DB.Model(&async.Job{}).Where("id = ?", job.ID).
+						Updates(map[string]any{"attempts": c.attempts, "locked_by": c.owner, "locked_until": leased}).Error)
+
+					run := *job
+					run.Attempts, run.LockedBy = 1, "stale-claim"
+					failed := errors.New("the stale run failed")
+					out, err := async.AfterBrokenTxForTest(d.DB, &run, failed, nil)
+					assert.Equal(t, async.OutcomeSkipped, out)
+					assert.ErrorIs(t, err, failed)
+
+					got := getJob(t, d.DB, job.ID)
+					assert.True(t, got.Pending(), "neither ended nor otherwise touched")
+					assert.Nil(t, got.Scheduled, "not rescheduled")
+					assert.Equal(t, 5, got.Priority)
+					assert.Equal(t, c.owner, got.LockedBy, "the claim that holds it keeps it")
+					assert.Equal(t, c.attempts, got.Attempts)
+					assert.Zero(t, count(t, d.DB, "async_error", "job_id = ?", job.ID), "no failure recorded")
+				})
+			}
+		}
+	})
 }
 
 // A claim that takes jobs whose attempts ran out ends them failed in a
