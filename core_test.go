@@ -418,7 +418,19 @@ func TestScheduleRejectsBadInput(t *testing.T) {
 		assert.ErrorIs(t, err, async.ErrBadArguments)
 		_, err = async.Schedule(d.DB, "some.task", async.Meta(map[string]any{"f": func() {}}))
 		assert.ErrorIs(t, err, async.ErrBadArguments)
+		// The columns' sizes: a queue name of 1 to 100 bytes, a group
+		// reference of 1 to 191.
+		_, err = async.Schedule(d.DB, "some.task", async.Queue(strings.Repeat("q", 101)))
+		assert.ErrorIs(t, err, async.ErrBadOption)
+		_, err = async.Schedule(d.DB, "some.task", async.InGroup(strings.Repeat("g", 192)))
+		assert.ErrorIs(t, err, async.ErrBadOption)
 		assert.Zero(t, count(t, d.DB, "async_job", ""))
+		assert.Zero(t, count(t, d.DB, "async_group", ""))
+		long, err := async.Schedule(d.DB, "some.task", async.Queue(strings.Repeat("q", 100)), async.InGroup(strings.Repeat("g", 191)))
+		require.NoError(t, err)
+		got := getJob(t, d.DB, long.ID)
+		assert.Equal(t, strings.Repeat("q", 100), got.Queue)
+		require.NoError(t, d.DB.Delete(&async.Job{}, long.ID).Error)
 
 		// A bad Schedule inside a transaction leaves earlier work intact.
 		require.NoError(t, d.DB.Transaction(func(tx *gorm.DB) error {
@@ -469,4 +481,33 @@ func TestUnsupportedDialectIsAnError(t *testing.T) {
 	err = db.Use(&async.Plugin{})
 	require.ErrorIs(t, err, async.ErrUnsupportedDialect)
 	assert.ErrorContains(t, err, `"dummy"`)
+}
+
+// A handle that already carries an error (a statement of the caller's
+// transaction failed) schedules, deschedules and sets a final job for
+// nothing: the call returns that error and writes nothing.
+func TestHandleCarryingAnErrorWritesNothing(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		key := newKey(t, "pending")
+		pending := scheduleCtl(t, d.DB, key)
+		earlier := errors.New("an earlier statement failed")
+		broken := func() *gorm.DB {
+			h := d.DB.Session(&gorm.Session{})
+			_ = h.AddError(earlier)
+			return h
+		}
+		_, err := async.Schedule(broken(), writeEffect, async.Args("k", 1))
+		assert.ErrorIs(t, err, earlier)
+		_, err = async.ScheduleMany(broken(), async.Task(writeEffect, async.Args("k", 2)))
+		assert.ErrorIs(t, err, earlier)
+		_, err = async.OnCompletion(broken(), "g", writeEffect, async.Args("k", 3))
+		assert.ErrorIs(t, err, earlier)
+		n, err := async.Deschedule(broken(), ctlTask, async.Args(key))
+		assert.ErrorIs(t, err, earlier)
+		assert.Zero(t, n)
+		assert.EqualValues(t, 1, count(t, d.DB, "async_job", ""), "nothing scheduled")
+		assert.Zero(t, count(t, d.DB, "async_group", ""), "no group")
+		assert.True(t, getJob(t, d.DB, pending.ID).Pending(), "nothing cancelled")
+	})
 }

@@ -89,6 +89,10 @@ func TestScheduleManyWritesWhatScheduleWrites(t *testing.T) {
 			{writeEffect, []async.Option{async.Args("grouped", 4), async.InGroup(ref)}},
 			{writeEffect, []async.Option{async.Args("grouped", 5), async.InGroup(ref), async.Priority(9)}},
 			{writeEffect, []async.Option{async.Args("other-group", 6), async.InGroup(ref + "-2")}},
+			// The same task and arguments as the call before, other keyword
+			// arguments: another identity.
+			{withResult, []async.Option{async.Args(2, 3), async.WithKwargs(async.Kwargs{"name": "x"})}},
+			{withResult, []async.Option{async.Args(2, 3), async.WithKwargs(async.Kwargs{"name": "y"})}},
 		}
 		calls := make([]async.Call, len(specs))
 		for i, c := range specs {
@@ -117,6 +121,7 @@ func TestScheduleManyWritesWhatScheduleWrites(t *testing.T) {
 				assert.NotEqual(t, *many[8].GroupID, *many[10].GroupID)
 				assert.Equal(t, many[0].Identity, many[1].Identity)
 				assert.NotEqual(t, many[0].Identity, many[2].Identity)
+				assert.NotEqual(t, many[11].Identity, many[12].Identity)
 			})
 		}
 	})
