@@ -103,6 +103,21 @@ func TestFlushQueueJobsLimit(t *testing.T) {
 	})
 }
 
+// Point 5: without a limit a run takes at most 300 jobs. (The limit is the same on every database: SQLite's
+// runs are the cheapest.)
+func TestFlushQueueDefaultLimitIs300(t *testing.T) {
+	d := newTestDB(t, "sqlite", nil)
+	log := freshLog(t)
+	calls := make([]async.Call, 301)
+	for i := range calls {
+		calls[i] = async.Task(parityRecord, async.Args(log, fmt.Sprint(i)))
+	}
+	_, err := async.ScheduleMany(d.DB, calls...)
+	require.NoError(t, err)
+	assert.Equal(t, 300, flush(t, d, async.FlushOptions{}))
+	assert.EqualValues(t, 1, count(t, d.DB, "async_job", "executed IS NULL"))
+}
+
 // blockingWriter blocks its first Write until the gate is released: a
 // FlushQueue given it as Out holds its partition between a claim and the run.
 type blockingWriter struct {
@@ -271,5 +286,62 @@ func TestFlushQueueRunsJobsBehindAnExhaustedOne(t *testing.T) {
 		var e async.JobError
 		require.NoError(t, d.DB.Where("job_id = ?", lost.ID).Take(&e).Error)
 		assert.Contains(t, e.Exception, async.ErrAttemptsExhausted.Error())
+	})
+}
+
+// heldFlush starts a FlushQueue with opts that holds its partition lock,
+// between its first claim and that job's run, until g is released; it
+// returns the run's outcome.
+func heldFlush(t *testing.T, d *testDB, g *gate, opts async.FlushOptions) <-chan error {
+	t.Helper()
+	opts.Out = &blockingWriter{g: g}
+	done := make(chan error, 1)
+	go func() { _, err := async.FlushQueue(d.DB, opts); done <- err }()
+	waitStarted(t, g)
+	return done
+}
+
+// Point 5: a run without partitions holds the whole queue's one lock,
+// whatever its Which and whether OutOf is 0 (FlushQueue's default) or 1
+// (flush_queue's): no two unpartitioned runs go at once.
+func TestFlushQueueUnpartitionedRunsShareOneLock(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		key := freshLog(t)
+		g := newGate(key)
+		mustSchedule(t, d.DB, parityRecord, async.Args(key, "held"))
+		first := heldFlush(t, d, g, async.FlushOptions{})
+		for _, o := range []async.FlushOptions{{OutOf: 1}, {Which: 3, OutOf: 1}, {Which: 1}} {
+			_, err := async.FlushQueue(d.DB, o)
+			assert.ErrorIs(t, err, async.ErrPartitionBusy, "%+v", o)
+		}
+		close(g.release)
+		require.NoError(t, recv(t, first, time.Minute, "the first run"))
+		assert.Equal(t, []string{"held"}, logged(key))
+	})
+}
+
+// Point 5: the lock of a run that stopped renewing it (a crashed host)
+// expires, and another run takes the partition over; the first run, if it
+// ends after all, does not release the lock it no longer holds.
+func TestFlushQueueExpiredLockIsTakenOverAndKept(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		key := freshLog(t)
+		freezeClock(d)
+		g1, g2 := newGate(key+"/1"), newGate(key+"/2")
+		mustSchedule(t, d.DB, parityRecord, async.Args(key, "a"))
+		mustSchedule(t, d.DB, parityRecord, async.Args(key, "b"))
+		first := heldFlush(t, d, g1, async.FlushOptions{Jobs: 1})
+		// The test clock passes the lock's 30s (not the first job's lease of
+		// a minute); the first run renews its lock every 10s of real time,
+		// which this test does not last.
+		d.Clock.Advance(45 * time.Second)
+		second := heldFlush(t, d, g2, async.FlushOptions{Jobs: 1})
+		close(g1.release)
+		require.NoError(t, recv(t, first, time.Minute, "the first run"))
+		_, err := async.FlushQueue(d.DB, async.FlushOptions{})
+		assert.ErrorIs(t, err, async.ErrPartitionBusy, "the second run still holds the partition")
+		close(g2.release)
+		require.NoError(t, recv(t, second, time.Minute, "the second run"))
+		assert.Equal(t, []string{"a", "b"}, logged(key))
 	})
 }
