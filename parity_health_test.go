@@ -131,6 +131,12 @@ func TestHealthOldestDueAge(t *testing.T) {
 		_, err := async.OnCompletion(d.DB, "g", parityRecord, async.Args(log, "final"))
 		require.NoError(t, err)
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "member"), async.InGroup("g"), async.RunAfter(t0.Add(10*time.Hour)))
+		// Due since t0 but held by a worker's claim: not waiting to be taken.
+		held := mustSchedule(t, d.DB, parityRecord, async.Args(log, "held"))
+		claimed, err := async.ClaimForTest(d.DB, "a-worker", 1)
+		require.NoError(t, err)
+		require.Len(t, claimed, 1)
+		require.Equal(t, held.ID, claimed[0].ID)
 		d.Clock.Advance(time.Hour)
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "j1"))
 		mustSchedule(t, d.DB, parityRecord, async.Args(log, "j2"), async.RunAfter(t0.Add(30*time.Minute)))
@@ -139,7 +145,7 @@ func TestHealthOldestDueAge(t *testing.T) {
 
 		age := health(t, d).Queue.OldestDueAgeSeconds
 		require.NotNil(t, age)
-		assert.InDelta(t, 90*60, *age, 0.001, "j2, due since t0+30m (the held final job, added at t0, does not count)")
+		assert.InDelta(t, 90*60, *age, 0.001, "j2, due since t0+30m (the held final job and the claimed job, added at t0, do not count)")
 		_, err = async.Deschedule(d.DB, parityRecord, async.Args(log, "j2"))
 		require.NoError(t, err)
 		age = health(t, d).Queue.OldestDueAgeSeconds
@@ -153,7 +159,7 @@ func TestHealthOldestDueAge(t *testing.T) {
 		assert.InDelta(t, 0, *age, 0.001)
 		_, err = async.Deschedule(d.DB, parityRecord, async.Args(log, "j3"))
 		require.NoError(t, err)
-		assert.Nil(t, health(t, d).Queue.OldestDueAgeSeconds, "only a future job and a held final job remain")
+		assert.Nil(t, health(t, d).Queue.OldestDueAgeSeconds, "only a future job, a held final job and a claimed job remain")
 	})
 }
 
@@ -206,8 +212,13 @@ func TestHealthRoughEstimate(t *testing.T) {
 func TestHealthPreciseEstimate(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {
 		key := freshLog(t)
-		t0 := freezeClock(d)
+		freezeClock(d)
 		tickClocks.Store(key, d.Clock)
+		// A run of 50 s of the ungrouped jobs' task, in a group (now
+		// complete): the averages of ungrouped jobs leave it out.
+		grouped := mustSchedule(t, d.DB, parityTick, async.Args(key, 50), async.InGroup("ticked"))
+		require.NoError(t, grouped.Execute(d.DB))
+		t0 := frozenNow(d)
 		// An open group, one of four jobs done after two days.
 		var big []*async.Job
 		for i := 0; i < 4; i++ {
@@ -234,6 +245,9 @@ func TestHealthPreciseEstimate(t *testing.T) {
 			mustSchedule(t, d.DB, parityTick, async.Args(key, 100+i))
 		}
 		mustSchedule(t, d.DB, parityRecord, async.Args(key, "no-history"))
+		// A pending job of that task in the open group "fresh" is not
+		// counted with the ungrouped ones.
+		mustSchedule(t, d.DB, parityTick, async.Args(key, 300), async.InGroup("fresh"))
 		now := frozenNow(d)
 		// Running jobs (a start time, still pending): 10 - 4 = 6 s left, and
 		// one past its average, which counts as zero.
@@ -248,11 +262,11 @@ func TestHealthPreciseEstimate(t *testing.T) {
 		consumed := now.Sub(t0).Seconds() // three days
 		assert.InDelta(t, 3*consumed+6+3*10, q.EstimatedCompletion, 0.011)
 
-		// The same queue, rough: 8 pending jobs without a start time (3+1
-		// ungrouped, 3 in "big", 1 in "fresh") × the 10 s average of the two
+		// The same queue, rough: 9 pending jobs without a start time (3+1
+		// ungrouped, 3 in "big", 2 in "fresh") × the 10 s average of the two
 		// runs of the last day (no waits).
 		q = health(t, d, async.Algorithm(async.AlgorithmRough)).Queue
-		assert.InDelta(t, 8*10, q.EstimatedCompletion, 0.011)
+		assert.InDelta(t, 9*10, q.EstimatedCompletion, 0.011)
 	})
 }
 

@@ -32,7 +32,7 @@ func TestGroupProgressCountsAndEstimates(t *testing.T) {
 		ok := mustSchedule(t, d.DB, parityRecord, async.Args(log, "ok"), async.InGroup("report"))
 		retrying := mustSchedule(t, d.DB, parityFail, async.Args(log, "retrying"), async.InGroup("report"), async.MaxAttempts(5))
 		failed := mustSchedule(t, d.DB, parityFail, async.Args(log, "failed"), async.InGroup("report"), async.MaxAttempts(1))
-		mustSchedule(t, d.DB, parityRecord, async.Args(log, "waiting"), async.InGroup("report"))
+		waiting := mustSchedule(t, d.DB, parityRecord, async.Args(log, "waiting"), async.InGroup("report"))
 
 		p := progress(t, d, "report")
 		assert.EqualValues(t, 4, p.TotalJobs)
@@ -63,14 +63,18 @@ func TestGroupProgressCountsAndEstimates(t *testing.T) {
 		require.NotNil(t, p.RemainingSeconds)
 		assert.InDelta(t, 48*3600, *p.RemainingSeconds, 0.001)
 
-		// Completed: consumed runs to the last execution, nothing remains.
+		// Completed: consumed runs to the latest execution (not to a later
+		// cancellation), nothing remains.
+		d.Clock.Advance(time.Hour)
+		require.NoError(t, waiting.Execute(d.DB))
 		d.Clock.Advance(time.Hour)
 		_, err = async.Deschedule(d.DB, parityFail, async.Args(log, "retrying"))
 		require.NoError(t, err)
-		_, err = async.Deschedule(d.DB, parityRecord, async.Args(log, "waiting"))
-		require.NoError(t, err)
 		p = progress(t, d, "report")
-		assert.InDelta(t, 3600, *p.ConsumedSeconds, 0.001)
+		require.NotNil(t, p.LatestJobCompleted)
+		assert.True(t, t0.Add(49*time.Hour).Equal(*p.LatestJobCompleted), "the latest of two executions: %s", p.LatestJobCompleted)
+		assert.EqualValues(t, 2, p.TotalExecutedJobs)
+		assert.InDelta(t, 49*3600, *p.ConsumedSeconds, 0.001)
 		assert.InDelta(t, 0, *p.RemainingSeconds, 0.001)
 		assert.EqualValues(t, 0, p.CurrentErrors)
 		assert.EqualValues(t, 2, p.TotalErrorJobs)
