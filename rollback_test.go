@@ -94,6 +94,75 @@ func TestFailureOfCancelledJobLeavesItCancelled(t *testing.T) {
 	})
 }
 
+// A job cancelled while its group-commit batch runs, whose task then
+// succeeds, is not completed with the batch: it stays cancelled, its task's
+// writes do not commit, and the batch's other jobs complete.
+func TestCancelledJobInASucceedingBatchStaysCancelled(t *testing.T) {
+	eachServerDB(t, "Deschedule must commit while a group-commit batch runs", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		kx, ky := newKey(t, "x"), newKey(t, "y")
+		on(t, kx, func(ctx context.Context, run int64) error {
+			if run == 1 {
+				n, err := async.Deschedule(d.DB, ctlTask, async.Args(kx)) // another connection: commits at once
+				if err != nil || n != 1 {
+					t.Errorf("Deschedule: n=%d err=%v", n, err)
+				}
+			}
+			return nil
+		})
+		x := scheduleCtl(t, d.DB, kx)
+		y := scheduleCtl(t, d.DB, ky)
+		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
+		waitJob(t, d.DB, y.ID, 30*time.Second, "y executed", executed)
+
+		gx := getJob(t, d.DB, x.ID)
+		require.NotNil(t, gx.Cancelled, "x was descheduled")
+		assert.Nil(t, gx.Executed, "a cancelled job is not also executed")
+		assert.Zero(t, effects(t, d.DB, kx), "its task's writes did not commit")
+		assert.EqualValues(t, 1, effects(t, d.DB, ky))
+		rep, err := async.Health(d.DB)
+		require.NoError(t, err)
+		q := rep.Queue
+		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+	})
+}
+
+// A group-commit batch does not lock its rows: a task that outlives its
+// lease may see its job claimed again, here by a claim of the same worker
+// id (the worker itself, from another slot). The batch's completion
+// re-checks each claim's attempt as well as its owner: the stale run does
+// not complete the job, its writes do not commit, and the claim that holds
+// the job keeps it. The batch's other job completes.
+func TestBatchDoesNotCompleteAJobClaimedAgainMeanwhile(t *testing.T) {
+	eachServerDB(t, "a claim must commit while a group-commit batch runs", func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		other := secondHandle(t, d, d.DSN, nil)
+		kx, ky := newKey(t, "x"), newKey(t, "y")
+		started, release := make(chan int64, 1), make(chan struct{})
+		on(t, kx, blockUntil(started, release))
+		x := scheduleCtl(t, d.DB, kx)
+		y := scheduleCtl(t, d.DB, ky)
+		startWorker(t, d.DB, async.WorkerOptions{ID: "w", Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute,
+			Lease: time.Minute, PollInterval: 20 * time.Millisecond})
+		recv(t, started, 30*time.Second, "x's run")
+		d.Clock.Advance(2 * time.Minute) // x's lease ran out
+		again, err := async.ClaimForTest(other, "w", 1)
+		require.NoError(t, err)
+		require.Len(t, again, 1)
+		require.Equal(t, x.ID, again[0].ID)
+		require.Equal(t, 2, again[0].Attempts)
+		close(release)
+		waitJob(t, d.DB, y.ID, 30*time.Second, "y executed", executed)
+
+		gx := getJob(t, d.DB, x.ID)
+		assert.Nil(t, gx.Executed, "the stale run did not complete x")
+		assert.Zero(t, effects(t, d.DB, kx), "nor did its writes commit")
+		assert.Equal(t, "w", gx.LockedBy, "the claim that holds x keeps it")
+		assert.Equal(t, 2, gx.Attempts)
+		assert.EqualValues(t, 1, effects(t, d.DB, ky))
+	})
+}
+
 // On Postgres a task that ignores a failed statement's error leaves its
 // transaction aborted. In a group-commit batch the next task's statements
 // then fail too; the failure is charged to the job that caused it, and the
