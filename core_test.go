@@ -181,12 +181,19 @@ func TestExecuteCommitsWritesWithCompletion(t *testing.T) {
 		assert.JSONEq(t, `{"sum":5,"kw":"x"}`, got.Result)
 		assert.Equal(t, 1, got.Attempts)
 		assert.Empty(t, got.LockedBy)
+		// The job Execute was called on is the job as run.
+		require.NotNil(t, job.Executed)
+		assert.True(t, got.Executed.Equal(*job.Executed))
+		assert.Equal(t, got.Result, job.Result)
+		assert.Equal(t, 1, job.Attempts)
 
 		job, err = async.Schedule(d.DB, writeEffect, async.Args("exec-write", 7))
 		require.NoError(t, err)
 		require.NoError(t, job.Execute(d.DB))
 		assert.EqualValues(t, 1, count(t, d.DB, "effects", "k = ? AND val = 7", "exec-write"))
-		assert.NotNil(t, getJob(t, d.DB, job.ID).Executed)
+		got = getJob(t, d.DB, job.ID)
+		assert.NotNil(t, got.Executed)
+		assert.Equal(t, "null", got.Result, "a task without a result: JSON null")
 		// An executed job is not run again.
 		assert.ErrorIs(t, job.Execute(d.DB), async.ErrNotPending)
 	})
@@ -460,6 +467,11 @@ func TestRegisterRejectsBadSignatures(t *testing.T) {
 	name, err := async.Register(writeEffect)
 	require.NoError(t, err)
 	assert.True(t, strings.HasSuffix(name, "async_test.writeEffect"), name)
+	// A name must fit the job's name column: 1 to 191 bytes.
+	long := func(context.Context, *gorm.DB) error { return nil }
+	assert.ErrorIs(t, async.RegisterAs(strings.Repeat("n", 192), long), async.ErrBadSignature)
+	assert.ErrorIs(t, async.RegisterAs("", long), async.ErrBadSignature)
+	assert.NoError(t, async.RegisterAs(strings.Repeat("n", 191), long))
 }
 
 func TestPluginFindsHandlesAndRejectsUnknownDialect(t *testing.T) {

@@ -96,6 +96,24 @@ func TestDescheduleIdentityIgnoresKwargsOrderAndOtherOptions(t *testing.T) {
 	})
 }
 
+// Point 1: numbers in the identity are kept as written: two integers that
+// a float64 cannot tell apart are two identities, and descheduling one
+// leaves the other.
+func TestDescheduleIdentityKeepsNumbersAsWritten(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		key := freshLog(t)
+		a := mustSchedule(t, d.DB, parityTick, async.Args(key, int64(1<<53)))
+		b := mustSchedule(t, d.DB, parityTick, async.Args(key, int64(1<<53+1)))
+		assert.NotEqual(t, a.Identity, b.Identity)
+		assert.Equal(t, tickName+`("`+key+`", 9007199254740993)`, b.String())
+		n, err := async.Deschedule(d.DB, parityTick, async.Args(key, int64(1<<53+1)))
+		require.NoError(t, err)
+		assert.EqualValues(t, 1, n)
+		assert.True(t, jobState(t, d, a.ID).Pending())
+		assert.NotNil(t, jobState(t, d, b.ID).Cancelled)
+	})
+}
+
 // Point 1: Deschedule runs in the caller's transaction.
 func TestDescheduleIsTransactional(t *testing.T) {
 	eachDB(t, func(t *testing.T, d *testDB) {

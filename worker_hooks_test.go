@@ -226,7 +226,7 @@ func TestNewWorkerOptions(t *testing.T) {
 		assert.Equal(t, 100, w.Options().Concurrency)
 
 		for _, bad := range []async.WorkerOptions{{Concurrency: -1}, {PollInterval: -1}, {JobTimeout: -1},
-			{ShutdownTimeout: -1}, {Lease: -1}, {ID: strings.Repeat("x", 65)}} {
+			{ShutdownTimeout: -1}, {Lease: -1}, {BatchSize: -1}, {BatchWindow: -1}, {ID: strings.Repeat("x", 65)}} {
 			_, err = async.NewWorker(d.DB, bad)
 			assert.ErrorIs(t, err, async.ErrBadOption, "%+v", bad)
 		}
