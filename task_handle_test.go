@@ -73,13 +73,14 @@ func TestTaskHandleEndsWithItsRun(t *testing.T) {
 		_, err := async.Schedule(d.DB, keepHandle, async.Args(aKey), async.Priority(5))
 		require.NoError(t, err)
 		bKey, strayKey := newKey(t, "b"), newKey(t, "stray")
-		type stray struct{ write, row error }
+		type stray struct{ write, exec, row error }
 		strays := make(chan stray, 1)
 		on(t, bKey, func(ctx context.Context, run int64) error {
 			h, _ := keptHandles.Load(aKey)
 			a := h.(*gorm.DB) // A's handle, after A's run ended
 			var s stray
 			s.write = a.Create(&Effect{K: strayKey}).Error
+			s.exec = a.Exec("INSERT INTO effects (k, val) VALUES (?, 0)", strayKey+"/exec").Error
 			var one int
 			s.row = a.Raw("SELECT 1").Row().Scan(&one)
 			strays <- s
@@ -101,8 +102,10 @@ func TestTaskHandleEndsWithItsRun(t *testing.T) {
 		waitJob(t, d.DB, b.ID, time.Minute, "B", executed)
 		stop()
 		assert.ErrorIs(t, s.write, async.ErrJobTransaction, "a write through A's handle after A's run")
+		assert.ErrorIs(t, s.exec, async.ErrJobTransaction, "a statement through A's handle after A's run")
 		assert.ErrorIs(t, s.row, async.ErrJobTransaction, "a row read through A's handle after A's run")
 		assert.Zero(t, effects(t, d.DB, strayKey), "nothing written through A's handle committed")
+		assert.Zero(t, effects(t, d.DB, strayKey+"/exec"), "nothing written through A's handle committed")
 		assert.EqualValues(t, 1, effects(t, d.DB, aKey))
 	})
 }
