@@ -180,6 +180,14 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 		}
 		_, err := async.ScheduleMany(d.DB, calls...)
 		require.NoError(t, err)
+		// AfterRun sees runs: a job given back unstarted had none.
+		var mu sync.Mutex
+		reported := map[int64][]async.Outcome{}
+		plugin(t, d).AfterRun = func(_ context.Context, info async.RunInfo) {
+			mu.Lock()
+			defer mu.Unlock()
+			reported[info.Job.ID] = append(reported[info.Job.ID], info.Outcome)
+		}
 		// One claim takes all six jobs into one batch; the slow one runs first.
 		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 2, BatchSize: 6, BatchWindow: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond})
 		if d.Kind != "sqlite" {
@@ -199,6 +207,16 @@ func TestGroupCommitWindowReleasesJobsBehindASlowOne(t *testing.T) {
 		// The released jobs were claimed twice; their first attempt was
 		// given back uncounted, and no lease is left behind.
 		assert.Zero(t, count(t, d.DB, "async_job", "attempts <> 1 OR locked_by <> ''"))
+		waitFor(t, 30*time.Second, "AfterRun for the six runs", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(reported) == 6
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		for id, outcomes := range reported {
+			assert.Equal(t, []async.Outcome{async.OutcomeExecuted}, outcomes, "job %d", id)
+		}
 	})
 }
 

@@ -70,6 +70,12 @@ func panicAfterWrite(ctx context.Context, tx *gorm.DB, key string) error {
 	panic("kaboom")
 }
 
+var errPanicValue = errors.New("the value a task panicked with")
+
+func panicWithError(ctx context.Context, tx *gorm.DB, key string) error {
+	panic(fmt.Errorf("wrapped: %w", errPanicValue))
+}
+
 func badSQL(ctx context.Context, tx *gorm.DB, key string) error {
 	if err := tx.Create(&Effect{K: key}).Error; err != nil {
 		return err
@@ -96,6 +102,7 @@ func init() {
 	async.MustRegister(writeEffect)
 	async.MustRegister(failAfterWrite)
 	async.MustRegister(panicAfterWrite)
+	async.MustRegister(panicWithError)
 	async.MustRegister(badSQL)
 	async.MustRegister(unencodable)
 	async.MustRegister(withResult)
@@ -180,6 +187,7 @@ func TestExecuteCommitsWritesWithCompletion(t *testing.T) {
 		assert.False(t, got.Started.After(*got.Executed))
 		assert.JSONEq(t, `{"sum":5,"kw":"x"}`, got.Result)
 		assert.Equal(t, 1, got.Attempts)
+		assert.Equal(t, 25, got.MaxAttempts, "the default, as documented")
 		assert.Empty(t, got.LockedBy)
 		// The job Execute was called on is the job as run.
 		require.NotNil(t, job.Executed)
@@ -223,6 +231,28 @@ func TestExecuteRefusesJobLeasedToAWorker(t *testing.T) {
 		require.NoError(t, job.Execute(d.DB))
 		assert.EqualValues(t, 1, count(t, d.DB, "effects", "k = ?", "leased"))
 		assert.Equal(t, 2, getJob(t, d.DB, job.ID).Attempts)
+	})
+}
+
+// An id no job has: Retry and Job.Execute return an error wrapping
+// ErrJobNotFound, which a job in the wrong state does not get.
+func TestUnknownJobIDIsErrJobNotFound(t *testing.T) {
+	eachDB(t, func(t *testing.T, d *testDB) {
+		migrateApp(t, d)
+		job := scheduleCtl(t, d.DB, newKey(t, "known"))
+		missing := job.ID + 1000
+		err := async.Retry(d.DB, missing)
+		assert.ErrorIs(t, err, async.ErrJobNotFound)
+		assert.Regexp(t, `^async: `, err.Error())
+		assert.ErrorIs(t, (&async.Job{ID: missing}).Execute(d.DB), async.ErrJobNotFound)
+
+		err = async.Retry(d.DB, job.ID)
+		assert.ErrorIs(t, err, async.ErrBadOption, "a pending job is found, and cannot be retried")
+		assert.NotErrorIs(t, err, async.ErrJobNotFound)
+		require.NoError(t, job.Execute(d.DB))
+		err = job.Execute(d.DB)
+		assert.ErrorIs(t, err, async.ErrNotPending)
+		assert.NotErrorIs(t, err, async.ErrJobNotFound)
 	})
 }
 
@@ -271,6 +301,13 @@ func TestPanicIsRecordedAsFailure(t *testing.T) {
 		require.NoError(t, d.DB.Where("job_id = ?", job.ID).Take(&e).Error)
 		assert.Contains(t, e.Traceback, "panicAfterWrite", "the stack names the panicking function")
 		assert.Nil(t, getJob(t, d.DB, job.ID).Executed)
+
+		// A panic with an error: the error stays reachable through errors.Is.
+		job, err = async.Schedule(d.DB, panicWithError, async.Args("panic-2"))
+		require.NoError(t, err)
+		err = job.Execute(d.DB)
+		assert.ErrorIs(t, err, async.ErrTaskPanicked)
+		assert.ErrorIs(t, err, errPanicValue)
 	})
 }
 

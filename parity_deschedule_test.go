@@ -204,6 +204,8 @@ func TestDescheduleClaimedJobIsNotRun(t *testing.T) {
 		log := freshLog(t)
 		g := newGate(log)
 		j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "claimed"))
+		infos := make(chan async.RunInfo, 1)
+		plugin(t, d).AfterRun = func(_ context.Context, info async.RunInfo) { infos <- info }
 		type result struct {
 			n   int
 			err error
@@ -227,6 +229,9 @@ func TestDescheduleClaimedJobIsNotRun(t *testing.T) {
 		got := jobState(t, d, j.ID)
 		assert.NotNil(t, got.Cancelled)
 		assert.Nil(t, got.Executed)
+		info := recv(t, infos, time.Minute, "the run's report")
+		assert.Equal(t, async.OutcomeSkipped, info.Outcome)
+		assert.ErrorIs(t, info.Err, async.ErrLeaseLost)
 	})
 }
 
