@@ -568,3 +568,60 @@ func TestExhaustedJobsLeftByTheClaimAreNotEndedFailed(t *testing.T) {
 		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
 	})
 }
+
+// A claim that another claim has replaced (its job was cancelled, retried
+// and claimed again, all while the first claimant stood between its claim
+// and the run) is stale: its holder neither runs the job (the run's fence
+// checks the claim's owner, not only its attempt) nor, giving it back,
+// clears the claim that now holds it.
+func TestStaleClaimNeitherRunsNorGivesBackAJobClaimedAgain(t *testing.T) {
+	for _, giveBack := range []bool{false, true} {
+		t.Run(fmt.Sprintf("give_back=%v", giveBack), func(t *testing.T) {
+			eachDB(t, func(t *testing.T, d *testDB) {
+				log := freshLog(t)
+				g := newGate(log)
+				j := mustSchedule(t, d.DB, parityRecord, async.Args(log, "j"))
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				type result struct {
+					n   int
+					err error
+				}
+				flushed := make(chan result, 1)
+				go func() {
+					// The Out line is written after the claim, before the run.
+					n, err := async.FlushQueue(d.DB.WithContext(ctx), async.FlushOptions{Out: &blockingWriter{g: g}})
+					flushed <- result{n, err}
+				}()
+				waitStarted(t, g)
+				// Cancelled, retried (attempts back to 0) and claimed by
+				// another: the same attempt as the first claim, another owner.
+				n, err := async.Deschedule(d.DB, parityRecord, async.Args(log, "j"))
+				require.NoError(t, err)
+				require.EqualValues(t, 1, n)
+				require.NoError(t, async.Retry(d.DB, j.ID))
+				again, err := async.ClaimForTest(d.DB, "another-claim", 1)
+				require.NoError(t, err)
+				require.Len(t, again, 1)
+				require.Equal(t, 1, again[0].Attempts)
+				if giveBack {
+					cancel() // the first claimant gives its job back
+				}
+				close(g.release)
+				r := recv(t, flushed, time.Minute, "the first claimant")
+				assert.Zero(t, r.n)
+				if giveBack {
+					assert.ErrorIs(t, r.err, context.Canceled)
+				} else {
+					assert.NoError(t, r.err)
+				}
+				assert.Empty(t, logged(log), "the stale claim did not run the job")
+				got := jobState(t, d, j.ID)
+				assert.True(t, got.Pending())
+				assert.Equal(t, "another-claim", got.LockedBy, "the claim that holds the job keeps it")
+				assert.Equal(t, 1, got.Attempts)
+				assert.NotNil(t, got.LockedUntil)
+			})
+		})
+	}
+}
