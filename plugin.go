@@ -146,7 +146,8 @@ func ctxOf(db *gorm.DB) context.Context {
 const clockWarnSeconds = 5
 
 // clockOffset measures the database's clock minus this process's
-// (db.NowFunc), in seconds, against the middle of the round trip.
+// (db.NowFunc), in seconds to the millisecond, against the middle of the
+// round trip.
 func (p *Plugin) clockOffset(db *gorm.DB) (float64, error) {
 	var server float64
 	before := p.now()
@@ -155,7 +156,7 @@ func (p *Plugin) clockOffset(db *gorm.DB) (float64, error) {
 	}
 	after := p.now()
 	mid := before.Add(after.Sub(before) / 2)
-	return server - float64(mid.UnixMicro())/1e6, nil
+	return math.Round((server-float64(mid.UnixMicro())/1e6)*1e3) / 1e3, nil // to the millisecond
 }
 
 // hardStopKey is the context key under which Worker.Run passes its runs the
