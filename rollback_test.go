@@ -66,15 +66,7 @@ func TestFailureOfCancelledJobLeavesItCancelled(t *testing.T) {
 	eachServerDB(t, "Deschedule must commit while a group-commit batch runs", func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		kx, ky := newKey(t, "x"), newKey(t, "y")
-		on(t, kx, func(ctx context.Context, run int64) error {
-			if run == 1 {
-				n, err := async.Deschedule(d.DB, ctlTask, async.Args(kx)) // another connection: commits at once
-				if err != nil || n != 1 {
-					t.Errorf("Deschedule: n=%d err=%v", n, err)
-				}
-			}
-			return async.Permanent(errors.New("x fails for good"))
-		})
+		descheduleOnFirstRun(t, d, kx, async.Permanent(errors.New("x fails for good")))
 		x := scheduleCtl(t, d.DB, kx)
 		scheduleCtl(t, d.DB, ky)
 		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
@@ -87,10 +79,7 @@ func TestFailureOfCancelledJobLeavesItCancelled(t *testing.T) {
 		assert.Equal(t, 5, gx.Priority, "nor rescheduled")
 		assert.Zero(t, count(t, d.DB, "async_error", "job_id = ?", x.ID), "no error row for a cancelled job")
 		assert.Zero(t, effects(t, d.DB, kx))
-		rep, err := async.Health(d.DB)
-		require.NoError(t, err)
-		q := rep.Queue
-		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+		assertEachJobInOneState(t, d.DB)
 	})
 }
 
@@ -101,15 +90,7 @@ func TestCancelledJobInASucceedingBatchStaysCancelled(t *testing.T) {
 	eachServerDB(t, "Deschedule must commit while a group-commit batch runs", func(t *testing.T, d *testDB) {
 		migrateApp(t, d)
 		kx, ky := newKey(t, "x"), newKey(t, "y")
-		on(t, kx, func(ctx context.Context, run int64) error {
-			if run == 1 {
-				n, err := async.Deschedule(d.DB, ctlTask, async.Args(kx)) // another connection: commits at once
-				if err != nil || n != 1 {
-					t.Errorf("Deschedule: n=%d err=%v", n, err)
-				}
-			}
-			return nil
-		})
+		descheduleOnFirstRun(t, d, kx, nil)
 		x := scheduleCtl(t, d.DB, kx)
 		y := scheduleCtl(t, d.DB, ky)
 		startWorker(t, d.DB, async.WorkerOptions{Concurrency: 1, BatchSize: 2, BatchWindow: time.Minute, PollInterval: 20 * time.Millisecond})
@@ -120,10 +101,7 @@ func TestCancelledJobInASucceedingBatchStaysCancelled(t *testing.T) {
 		assert.Nil(t, gx.Executed, "a cancelled job is not also executed")
 		assert.Zero(t, effects(t, d.DB, kx), "its task's writes did not commit")
 		assert.EqualValues(t, 1, effects(t, d.DB, ky))
-		rep, err := async.Health(d.DB)
-		require.NoError(t, err)
-		q := rep.Queue
-		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+		assertEachJobInOneState(t, d.DB)
 	})
 }
 
@@ -562,10 +540,7 @@ func TestExhaustedJobsLeftByTheClaimAreNotEndedFailed(t *testing.T) {
 		assert.Equal(t, 1, e.Attempts)
 		assert.Zero(t, count(t, d.DB, "async_error", "job_id IN ?", []int64{cancelled.ID, taken.ID}), "no error rows for jobs not ended")
 		assert.EqualValues(t, 1, count(t, d.DB, "async_error", "job_id = ?", ended.ID))
-		rep, err := async.Health(d.DB)
-		require.NoError(t, err)
-		q := rep.Queue
-		assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+		assertEachJobInOneState(t, d.DB)
 	})
 }
 
@@ -624,4 +599,29 @@ func TestStaleClaimNeitherRunsNorGivesBackAJobClaimedAgain(t *testing.T) {
 			})
 		})
 	}
+}
+
+// assertEachJobInOneState checks that Health counts each job in exactly one
+// state: pending, executed, cancelled or failed.
+func assertEachJobInOneState(t *testing.T, db *gorm.DB) {
+	t.Helper()
+	rep, err := async.Health(db)
+	require.NoError(t, err)
+	q := rep.Queue
+	assert.Equal(t, q.AllJobs, q.Executed+q.Cancelled+q.Failed+q.Remaining, "each job in exactly one state")
+}
+
+// descheduleOnFirstRun makes the ctlTask job of key deschedule itself
+// during its first run, through another connection (the change commits at
+// once, while the run goes on), and then return ret.
+func descheduleOnFirstRun(t *testing.T, d *testDB, key string, ret error) {
+	on(t, key, func(ctx context.Context, run int64) error {
+		if run == 1 {
+			n, err := async.Deschedule(d.DB, ctlTask, async.Args(key))
+			if err != nil || n != 1 {
+				t.Errorf("Deschedule: n=%d err=%v", n, err)
+			}
+		}
+		return ret
+	})
 }
