@@ -54,8 +54,8 @@ type QueueHealth struct {
 	FailedDetails map[string]NameCount `json:"failed-details"`
 	// OldestDueAgeSeconds is how long the oldest job that could be claimed
 	// now has been due (since its scheduled time, or since it was added when
-	// it has none), at least zero; nil when no job is due. Jobs held by a claim and final
-	// jobs waiting for their group are not counted.
+	// it has none), at least zero; nil when no job is due. Jobs held by a
+	// claim and final jobs waiting for their group are not counted.
 	OldestDueAgeSeconds *float64 `json:"oldest-due-age-seconds"`
 	// EstimatedCompletionCurrentJob is the seconds left for the jobs running
 	// now (see AlgorithmPrecise; zero when none is known to run).
