@@ -159,8 +159,8 @@ func (p *Plugin) clockOffset(db *gorm.DB) (float64, error) {
 	return math.Round((server-float64(mid.UnixMicro())/1e6)*1e3) / 1e3, nil // to the millisecond
 }
 
-// hardStopKey is the context key under which Worker.Run passes its runs the
-// context that ends their bookkeeping once its shutdown has lasted too long.
+// hardStopKey is the context key under which Worker.Run and FlushQueue pass
+// their runs the context that ends their bookkeeping (hardStop.ctx).
 type hardStopKey struct{}
 
 // detach is ctx's values without its cancellation, for the bookkeeping that
@@ -175,26 +175,51 @@ func detach(ctx context.Context) context.Context {
 	return d
 }
 
+// hardStop ends the bookkeeping of the runs whose context carries it
+// (detach), a while after it is armed.
+type hardStop struct {
+	ctx   context.Context // what detach takes its cancellation from
+	end   context.CancelFunc
+	mu    sync.Mutex
+	timer *time.Timer // once armed
+}
+
+func newHardStop() *hardStop {
+	ctx, end := context.WithCancel(context.Background())
+	return &hardStop{ctx: ctx, end: end}
+}
+
+// carriedBy is ctx carrying h, for detach to find.
+func (h *hardStop) carriedBy(ctx context.Context) context.Context {
+	return context.WithValue(ctx, hardStopKey{}, h.ctx)
+}
+
+// arm ends the bookkeeping after d.
+func (h *hardStop) arm(d time.Duration) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.timer = time.AfterFunc(d, h.end)
+}
+
+// release stops h's timer and ends its context, once nothing uses it.
+func (h *hardStop) release() {
+	h.mu.Lock()
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	h.mu.Unlock()
+	h.end()
+}
+
 // withHardStop is ctx carrying a hard stop for the bookkeeping of its runs
 // (detach), which comes after the given time once ctx has ended; end, once
 // nothing uses the context any more, releases it.
 func withHardStop(ctx context.Context, after time.Duration) (_ context.Context, end func()) {
-	hard, endHard := context.WithCancel(context.Background())
-	var mu sync.Mutex
-	var timer *time.Timer
-	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		timer = time.AfterFunc(after, endHard)
-	})
-	return context.WithValue(ctx, hardStopKey{}, hard), func() {
+	h := newHardStop()
+	stop := context.AfterFunc(ctx, func() { h.arm(after) })
+	return h.carriedBy(ctx), func() {
 		stop()
-		mu.Lock()
-		if timer != nil {
-			timer.Stop()
-		}
-		mu.Unlock()
-		endHard()
+		h.release()
 	}
 }
 

@@ -182,15 +182,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	// its failure, AfterRun: detach) outlives that by bookkeepingGrace, then
 	// hard ends it, so that Run returns even if the database stops
 	// answering (what was cut short waits for its lease to expire).
-	hard, endHard := context.WithCancel(context.Background())
-	var hardStop *time.Timer // armed at shutdown
-	defer func() {           // after bg.Wait: releases still under way are not cut short
-		if hardStop != nil {
-			hardStop.Stop()
-		}
-		endHard()
-	}()
-	jobCtx, cancelJobs := context.WithCancel(context.WithValue(context.WithoutCancel(ctx), hardStopKey{}, hard))
+	hard := newHardStop() // armed at shutdown
+	defer hard.release()  // after bg.Wait: releases still under way are not cut short
+	jobCtx, cancelJobs := context.WithCancel(hard.carriedBy(context.WithoutCancel(ctx)))
 	defer cancelJobs()
 
 	var bg sync.WaitGroup // every goroutine Run starts ends before Run returns
@@ -392,7 +386,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	grace := time.NewTimer(o.ShutdownTimeout)
 	defer grace.Stop()
-	hardStop = time.AfterFunc(o.ShutdownTimeout+bookkeepingGrace(o.ShutdownTimeout), endHard)
+	hard.arm(o.ShutdownTimeout + bookkeepingGrace(o.ShutdownTimeout))
 	select {
 	case <-finished:
 	case <-grace.C:
