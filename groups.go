@@ -113,8 +113,8 @@ func (p *Plugin) holdFinal(db *gorm.DB, id int64) (done bool, err error) {
 		return true, nil
 	}
 	if f[0].LockedBy != "" && f[0].LockedUntil != nil && f[0].LockedUntil.After(p.now()) {
-		err = db.Exec("UPDATE "+jobTable+" SET attempts = attempts - 1, locked_by = '', locked_until = NULL WHERE id = ? AND locked_by = ? AND attempts = ?",
-			id, f[0].LockedBy, f[0].Attempts).Error
+		q, args := releaseSQL([]*Job{&f[0]}) // given back as any unstarted claim is
+		err = db.Exec(q, args...).Error
 	}
 	return false, err
 }
